@@ -248,6 +248,9 @@ class QTSplusReencodeLayer(nn.Module):
     def __init__(self, config: QTSplusConfig) -> None:
         super().__init__()
         self.core = QTSplusAttentionLayer(config)
+        # Read by `_init_weights` on the Linear itself: transformers skips init hooks on parameter-less parents.
+        for residual_output in (self.core.o_proj, self.core.ffn.net[2]):
+            residual_output.zero_init = True
 
     def forward(
         self, hidden_states: torch.Tensor, key_mask: torch.Tensor, time_embeds: torch.Tensor | None
@@ -268,9 +271,10 @@ class QTSplusReencodeLayer(nn.Module):
 def budget_to_token_count(rho: torch.Tensor, num_tokens: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
     """n = clamp(ceil(ρ·M), 1, n_max) per video (`max_tokens=None`: no n_max, as for a caller-fixed ratio).
 
-    The product is taken in float64 and nudged down by 1e-9 so that e.g. ρ=0.1, M=30 gives 3, not 4.
+    ρ arrives in float32, whose rounding would turn ρ=0.1, M=30 into ceil(3.00000004) = 4: the product is shrunk by
+    a relative 1e-6 (well above float32's 6e-8) before the ceiling.
     """
-    counts = torch.ceil(rho.detach().double() * num_tokens.double() - 1e-9).long()
+    counts = torch.ceil(rho.detach().double() * num_tokens.double() * (1 - 1e-6)).long()
     upper = num_tokens if max_tokens is None else num_tokens.clamp(max=max_tokens)
     return torch.minimum(counts.clamp(min=1), upper)
 
@@ -476,11 +480,10 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, QTSplusReencodeLayer):
-            # Runs after the layer's children were initialised: zero residual branches make it the identity.
-            initialization.zeros_(module.core.o_proj.weight)
-            initialization.zeros_(module.core.ffn.net[2].weight)
-            initialization.zeros_(module.core.ffn.net[2].bias)
+        if getattr(module, "zero_init", False):  # the re-encoder's residual outputs: a fresh layer is the identity
+            initialization.zeros_(module.weight)
+            if module.bias is not None:
+                initialization.zeros_(module.bias)
 
     # -- inputs ----------------------------------------------------------------------------------------------------
 
@@ -556,8 +559,8 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
     ) -> QTSplusInputs:
         """Run the vision encoder and the selector once and build the compacted prefill (see `QTSplusInputs`).
 
-        Unselected `<|video_pad|>` positions are removed from the embeddings, mask, labels and positions; rows
-        that became shorter are re-padded on the side the batch was padded on (left unless a row ends in padding).
+        Unselected `<|video_pad|>` positions are removed from the embeddings, mask, labels and positions; the rows
+        are re-padded to the longest one on the side the batch was padded on (left unless a row ends in padding).
         """
         self._check_keep_ratio(qtsplus_keep_ratio)
         if input_ids is None:
@@ -606,8 +609,9 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             video, video_mask, query[owner], query_mask[owner], seconds, qtsplus_keep_ratio
         )
 
-        # Place the re-encoded kept tokens, then drop the unselected placeholders.
-        sequence_keep = torch.ones_like(video_positions)
+        # Place the re-encoded kept tokens, then drop the unselected placeholders (and the old padding: the
+        # shortened rows are padded afresh).
+        sequence_keep = attention_mask != 0
         sequence_keep[video_positions] = keep[video_mask]
         inputs_embeds = inputs_embeds.masked_scatter(
             (video_positions & sequence_keep)[..., None], kept_tokens.to(inputs_embeds.dtype)
