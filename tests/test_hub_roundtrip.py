@@ -1,0 +1,77 @@
+"""save_pretrained writes a folder that loads with trust_remote_code where qtsplus_hf cannot be imported."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from qtsplus_hf import QTSplusQwen2_5_VLForConditionalGeneration
+
+
+REMOTE_FILES = ("configuration_qtsplus.py", "modeling_qtsplus_qwen2_5_vl.py")
+AUTO_CLASSES = ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText")
+
+
+def imported_top_level_modules(path) -> set[str]:
+    tree = ast.parse(open(path).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_saved_folder_has_remote_code_and_auto_map(converted_model, tmp_path):
+    converted_model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert set(REMOTE_FILES) <= files and "model.safetensors" in files
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoConfig"] == "configuration_qtsplus.QTSplusConfig"
+    for name in AUTO_CLASSES:
+        assert config["auto_map"][name] == "modeling_qtsplus_qwen2_5_vl.QTSplusQwen2_5_VLForConditionalGeneration"
+    for name in REMOTE_FILES:
+        assert imported_top_level_modules(tmp_path / name) <= {"math", "dataclasses", "torch", "transformers"}, name
+
+
+def test_reload_in_a_process_that_cannot_import_the_package(converted_model, two_sample_batch, tmp_path):
+    converted_model.save_pretrained(tmp_path / "model")
+    torch.save(two_sample_batch, tmp_path / "batch.pt")
+    settings = dict(max_new_tokens=5, do_sample=False, qtsplus_keep_ratio=0.5)
+    expected = converted_model.generate(**two_sample_batch, **settings)
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.modules["qtsplus_hf"] = None  # any import of the package now fails
+        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+        folder = {str(tmp_path / "model")!r}
+        batch = torch.load({str(tmp_path / "batch.pt")!r})
+        for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+            assert type(auto.from_pretrained(folder, trust_remote_code=True)).__name__ == (
+                "QTSplusQwen2_5_VLForConditionalGeneration")
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        model.config._attn_implementation = "eager"
+        print(type(model).__module__.split(".")[0], type(model).__name__)
+        print(model.generate(**batch, **{settings!r}).tolist())
+        """
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names, tokens = result.stdout.strip().splitlines()[-2:]
+    module_root, class_name = names.split()
+    assert (module_root, class_name) == ("transformers_modules", "QTSplusQwen2_5_VLForConditionalGeneration")
+    assert json.loads(tokens) == expected.tolist()
+
+
+def test_from_pretrained_of_a_stock_checkpoint_gives_an_identity_reencoder(stock_model, tmp_path):
+    stock_model.save_pretrained(tmp_path)
+    model = QTSplusQwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path)
+    assert torch.equal(model.lm_head.weight, stock_model.lm_head.weight)
+    core = model.qtsplus.reencode_layers[0].core
+    assert not core.o_proj.weight.any() and not core.ffn.net[2].weight.any()

@@ -1,0 +1,37 @@
+"""Training mode through the whole model: the LM loss reaches the selector."""
+
+import copy
+
+import torch
+
+from qtsplus_hf.tiny import video_prompt_batch
+
+
+def test_lm_loss_gradients_reach_scoring_budget_and_reencoder(converted_model):
+    model = copy.deepcopy(converted_model).train()
+    batch = video_prompt_batch([[(4, 4, 4)], [(2, 4, 6), (2, 4, 4)]], [5, 3], model.config, padding_side="right")
+    labels = torch.full_like(batch["input_ids"], -100)
+    for row, length in enumerate(batch["attention_mask"].sum(-1).tolist()):
+        labels[row, length - 2 : length] = batch["input_ids"][row, length - 2 : length]
+    batch["qtsplus_query_mask"] &= labels == -100
+    outputs = model(**batch, labels=labels)
+    assert outputs.qtsplus.num_kept != outputs.qtsplus.num_tokens  # the predicted budget really dropped tokens
+    outputs.lm_loss.backward()  # the LM loss alone, not the auxiliary terms
+    selector = model.qtsplus
+    for name, parameter in [
+        ("scoring q_proj", selector.scoring_layers[0].q_proj.weight),
+        ("scoring k_proj", selector.scoring_layers[0].k_proj.weight),
+        ("budget head", selector.budget.mlp[0].weight),
+        ("re-encoder o_proj", selector.reencode_layers[0].core.o_proj.weight),
+        ("re-encoder feed-forward", selector.reencode_layers[0].core.ffn.net[2].weight),
+    ]:
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_eval_and_train_keep_the_same_tokens(converted_model, two_sample_batch):
+    model = copy.deepcopy(converted_model)
+    with torch.no_grad():
+        evaluated = model.eval()(**two_sample_batch).qtsplus
+        trained = model.train()(**two_sample_batch).qtsplus
+    for a, b in zip(evaluated.kept_indices, trained.kept_indices):
+        assert torch.equal(a, b)
