@@ -10,8 +10,33 @@ import torch
 from .configuration_qtsplus import QTSplusConfig
 
 
-PAD_ID, IMAGE_ID, VIDEO_ID, VISION_START_ID, VISION_END_ID = 0, 120, 121, 122, 123
-TEXT_VOCAB = range(1, 100)
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+)
+PAD_ID, IM_START_ID, IM_END_ID, VISION_START_ID, VISION_END_ID, IMAGE_ID, VIDEO_ID = range(len(SPECIAL_TOKENS))
+VOCAB_SIZE = 320
+TEXT_VOCAB = range(len(SPECIAL_TOKENS), 300)
+# The Qwen2-VL chat format: a default system turn, `<|im_start|>role\n...<|im_end|>\n` turns, one vision span per
+# image or video entry.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = (
+    "You are a helpful assistant. What colour is the circle? Which object appears first? At which second does the "
+    "square appear? How many times does the triangle appear? Describe the video. The answer is red green blue "
+    "yellow purple orange circle square triangle star 0 1 2 3 4 5 6 7 8 9 seconds times first before after"
+)
 
 
 def tiny_config_dict(**overrides) -> dict:
@@ -31,7 +56,7 @@ def tiny_config_dict(**overrides) -> dict:
             tokens_per_second=2,
         ),
         text_config=dict(
-            vocab_size=128,
+            vocab_size=VOCAB_SIZE,
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
@@ -39,8 +64,8 @@ def tiny_config_dict(**overrides) -> dict:
             num_key_value_heads=2,
             max_position_embeddings=4096,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            bos_token_id=1,
-            eos_token_id=2,
+            bos_token_id=PAD_ID,
+            eos_token_id=IM_END_ID,
             pad_token_id=PAD_ID,
         ),
         image_token_id=IMAGE_ID,
@@ -102,3 +127,41 @@ def video_prompt_batch(
     batch["video_grid_thw"] = torch.tensor(grids, dtype=torch.long)
     batch["second_per_grid_ts"] = torch.full((len(grids),), 1.0)
     return batch
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained here on a few sentences (deterministic, offline) with Qwen's specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - 20, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    backend.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_processor(min_pixels: int = 16 * 16, max_pixels: int = 32 * 32, fps: float = 2.0):
+    """A `QTSplusProcessor` for the tiny config: patch 4, merge 2 (pixel factor 8), small frames."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    from .processing_qtsplus import QTSplusProcessor
+
+    vision = dict(
+        patch_size=4, temporal_patch_size=2, merge_size=2,
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+    )
+    return QTSplusProcessor(
+        image_processor=Qwen2VLImageProcessor(**vision),
+        video_processor=Qwen2VLVideoProcessor(**vision, fps=fps, min_frames=2, max_frames=768),
+        tokenizer=tiny_tokenizer(),
+        chat_template=CHAT_TEMPLATE,
+    )

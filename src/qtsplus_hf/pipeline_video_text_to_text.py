@@ -1,0 +1,106 @@
+# Copyright 2026 The qtsplus-hf authors. Licensed under the Apache License, Version 2.0.
+"""`pipeline("video-text-to-text")`: a video and a question in, the answer and what QTSplus kept out.
+
+transformers has no task of this name; the class is registered by `qtsplus_hf` and saved into checkpoints
+(`custom_pipelines` in config.json), so `pipeline("video-text-to-text", model=DIR, trust_remote_code=True)` finds it.
+Remote-code file: it imports `torch`, `transformers` and its siblings (PyAV only when a file is decoded).
+"""
+
+from typing import Any
+
+import torch
+from transformers import Pipeline
+
+from .video_qtsplus import load_video, video_duration
+
+
+class QTSplusVideoTextToTextPipeline(Pipeline):
+    """Answer a question about a video with a QTSplus model.
+
+    Call with `video=` (a file path, a list of frames or an array `[T, H, W, C]`) and `text=` (the question), or
+    with a dict `{"video": ..., "text": ...}` or `{"video": ..., "messages": [...]}` (chat messages whose user
+    turn holds one `{"type": "video"}` entry), or a list of those (a batch, one result each).
+
+    Keyword arguments: `fps`, `min_frames`, `max_frames` (frame sampling), `qtsplus_keep_ratio`, and generation
+    arguments (`max_new_tokens`, `do_sample`, ...), which pass through to `model.generate`.
+
+    Each result: `{"generated_text": str, "qtsplus": {"kept": n, "total": M, "ratio": n / M, "rho": ρ,
+    "kept_seconds": [...]}}`; `kept_seconds` are the distinct start times (seconds) of the kept tokens' frames.
+    """
+
+    _load_processor = True
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def __call__(self, inputs: Any = None, video: Any = None, text: str | None = None, **kwargs):
+        if inputs is None:
+            if video is None:
+                raise ValueError("pass video= (a path, frames or an array) and text= (the question)")
+            inputs = {"video": video, "text": text}
+        return super().__call__(inputs, **kwargs)
+
+    def _sanitize_parameters(self, fps=None, min_frames=None, max_frames=None, qtsplus_keep_ratio=None, **generate):
+        preprocess = {key: value for key, value in
+                      (("fps", fps), ("min_frames", min_frames), ("max_frames", max_frames)) if value is not None}
+        forward = dict(generate)
+        if qtsplus_keep_ratio is not None:
+            forward["qtsplus_keep_ratio"] = qtsplus_keep_ratio
+        return preprocess, forward, {}
+
+    def _messages(self, inputs: dict) -> list[dict]:
+        if inputs.get("messages") is not None:
+            return inputs["messages"]
+        question = inputs.get("text")
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question (text=) is empty")
+        return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+
+    def preprocess(self, inputs: dict, fps: float | None = None, min_frames: int | None = None,
+                   max_frames: int | None = None) -> dict:
+        if not isinstance(inputs, dict) or "video" not in inputs:
+            raise ValueError("each input must be a dict with a 'video' and a 'text' (or 'messages')")
+        video_processor = self.processor.video_processor
+        size = video_processor.size
+        frames, metadata = load_video(
+            inputs["video"],
+            fps=fps or getattr(video_processor, "fps", None) or 2.0,
+            min_frames=min_frames or video_processor.min_frames,
+            max_frames=max_frames or video_processor.max_frames,
+            min_pixels=size["shortest_edge"],
+            max_pixels=size["longest_edge"],
+            factor=video_processor.patch_size * video_processor.merge_size,
+            temporal_patch_size=video_processor.temporal_patch_size,
+        )
+        prompt = self.processor.apply_chat_template(self._messages(inputs), add_generation_prompt=True, tokenize=False)
+        model_inputs = self.processor(
+            text=[prompt], videos=[frames], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt"
+        )
+        model_inputs["duration"] = video_duration(metadata)
+        return model_inputs
+
+    def _forward(self, model_inputs: dict, **generate_kwargs) -> dict:
+        duration = model_inputs.pop("duration")
+        prompt_length = model_inputs["input_ids"].shape[1]
+        outputs = self.model.generate(**model_inputs, **generate_kwargs, return_dict_in_generate=True)
+        return {
+            "new_tokens": outputs.sequences[:, prompt_length:],
+            "selection": outputs.get("qtsplus"),
+            "total": int((model_inputs["input_ids"] == self.model.config.video_token_id).sum()),
+            "duration": duration,
+        }
+
+    def postprocess(self, model_outputs: dict) -> dict:
+        text = self.processor.batch_decode(model_outputs["new_tokens"], skip_special_tokens=True)[0]
+        selection, total = model_outputs["selection"], model_outputs["total"]
+        if selection is None:  # QTSplus disabled: every token went to the language model
+            summary = {"kept": total, "total": total, "ratio": 1.0, "rho": 1.0, "kept_seconds": []}
+        else:
+            kept = sum(selection.num_kept)
+            seconds = torch.cat(selection.timestamps).unique().tolist()
+            summary = {"kept": kept, "total": sum(selection.num_tokens), "ratio": kept / max(total, 1),
+                       "rho": float(selection.rho.mean()), "kept_seconds": seconds}
+        return {"generated_text": text, "qtsplus": summary}
+
+
+__all__ = ["QTSplusVideoTextToTextPipeline"]
