@@ -1,7 +1,10 @@
 """The `qtsplus` command line."""
 
 import argparse
+import json
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -54,6 +57,103 @@ def run_demo(args: argparse.Namespace) -> None:
     print(f"vision + selection time: {elapsed * 1000:.1f} ms")
 
 
+def write_json_atomically(path: str, payload: dict) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".json", delete=False) as handle:
+        json.dump(payload, handle, indent=2)
+    os.replace(handle.name, path)
+
+
+class StageTimer:
+    """Wall time spent inside given modules (forward hooks), e.g. the vision encoder and the selector."""
+
+    def __init__(self, **modules) -> None:
+        self.seconds = dict.fromkeys(modules, 0.0)
+        self._started: dict[str, float] = {}
+        self._hooks = []
+        for name, module in modules.items():
+            self._hooks.append(module.register_forward_pre_hook(lambda *_, n=name: self._start(n)))
+            self._hooks.append(module.register_forward_hook(lambda *_, n=name: self._stop(n)))
+
+    def _start(self, name: str) -> None:
+        self._started[name] = time.perf_counter()
+
+    def _stop(self, name: str) -> None:
+        self.seconds[name] += time.perf_counter() - self._started.pop(name)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def run_answer(args: argparse.Namespace) -> None:
+    """Answer a question about a video file, report what QTSplus kept and where the time went."""
+    if not args.question.strip():
+        raise ValueError("the question is empty")
+    for flag, path in (("--viz", args.viz), ("--json", args.json)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"{flag}: the folder of {path} does not exist")
+    if not os.path.isfile(args.video):
+        raise ValueError(f"video file not found: {args.video}")
+    if not os.path.isdir(args.model):
+        raise ValueError(f"model folder not found: {args.model}")
+
+    import torch
+    from transformers import AutoModel, AutoProcessor
+
+    from .pipeline_video_text_to_text import video_question_inputs
+
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    start = time.perf_counter()
+    inputs, frames, metadata = video_question_inputs(
+        processor, args.video, args.question, fps=args.fps, max_frames=args.max_frames
+    )
+    decode_seconds = time.perf_counter() - start
+    timer = StageTimer(vision=model.model.visual, selection=model.qtsplus)
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            outputs = model.generate(
+                **inputs, qtsplus_keep_ratio=args.keep_ratio, max_new_tokens=args.max_new_tokens, do_sample=False,
+                return_dict_in_generate=True,
+            )
+    finally:
+        timer.remove()
+    generate_seconds = time.perf_counter() - start
+    answer = processor.batch_decode(outputs.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    selection = outputs["qtsplus"]
+    result = {
+        "answer": answer,
+        "kept_tokens": selection.num_kept[0],
+        "total_tokens": selection.num_tokens[0],
+        "rho": float(selection.rho[0]),
+        "kept_seconds": selection.timestamps[0].unique().tolist(),
+        "seconds": {
+            "decode": decode_seconds,
+            "vision": timer.seconds["vision"],
+            "selection": timer.seconds["selection"],
+            "generation": generate_seconds - timer.seconds["vision"] - timer.seconds["selection"],
+        },
+    }
+    print(f"answer: {answer}")
+    print(f"vision tokens kept: {result['kept_tokens']} of {result['total_tokens']} (rho = {result['rho']:.3f})")
+    print("time: " + ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in result["seconds"].items()))
+    if args.viz:
+        from .visualize import save_selection_png, selection_figure_data
+
+        video_processor = processor.video_processor
+        data = selection_figure_data(
+            frames, tuple(inputs["video_grid_thw"][0].tolist()), selection.kept_indices[0], selection.scores[0],
+            video_processor.merge_size, video_processor.temporal_patch_size, float(inputs["second_per_grid_ts"][0]),
+        )
+        title = f"{args.question}  ->  {answer}   (kept {result['kept_tokens']}/{result['total_tokens']})"
+        save_selection_png(args.viz, data, title)
+        print(f"selection picture: {args.viz}")
+    if args.json:
+        write_json_atomically(args.json, result)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="qtsplus", description="QTSplus query-aware video token selection.")
     parser.add_argument("--version", action="version", version=f"qtsplus-hf {__version__}")
@@ -64,6 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=positive_int, default=2560, help="n_max, the most tokens kept")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=run_demo)
+
+    answer = commands.add_parser("answer", help="answer a question about a video file")
+    answer.add_argument("--model", required=True, help="QTSplus checkpoint folder")
+    answer.add_argument("--video", required=True, help="video file")
+    answer.add_argument("--question", required=True)
+    answer.add_argument("--keep-ratio", type=keep_ratio, default=None, help="fixed keep ratio (default: predicted)")
+    answer.add_argument("--fps", type=float, default=None, help="frames sampled per second (default: processor's)")
+    answer.add_argument("--max-frames", type=positive_int, default=None)
+    answer.add_argument("--max-new-tokens", type=positive_int, default=32)
+    answer.add_argument("--viz", default=None, help="write a PNG of the kept patches and relevance over time")
+    answer.add_argument("--json", default=None, help="write the result as JSON to this path")
+    answer.set_defaults(handler=run_answer)
     return parser
 
 
@@ -75,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         args.handler(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"qtsplus {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -14,6 +14,37 @@ from transformers import Pipeline
 from .video_qtsplus import load_video, video_duration
 
 
+def video_question_inputs(
+    processor, video: Any, question: str | None = None, messages: list[dict] | None = None,
+    fps: float | None = None, min_frames: int | None = None, max_frames: int | None = None,
+):
+    """Load `video` with the processor's sampling and pixel settings and build the model inputs for a question.
+
+    Returns the processor's output (with `qtsplus_query_mask`), the sampled frames `[T, H, W, 3]` and their
+    `VideoMetadata`. `messages` (chat messages with one `{"type": "video"}` entry) replace `question`.
+    """
+    if messages is None:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question is empty")
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    video_processor = processor.video_processor
+    frames, metadata = load_video(
+        video,
+        fps=fps or getattr(video_processor, "fps", None) or 2.0,
+        min_frames=min_frames or video_processor.min_frames,
+        max_frames=max_frames or video_processor.max_frames,
+        min_pixels=video_processor.size["shortest_edge"],
+        max_pixels=video_processor.size["longest_edge"],
+        factor=video_processor.patch_size * video_processor.merge_size,
+        temporal_patch_size=video_processor.temporal_patch_size,
+    )
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    model_inputs = processor(
+        text=[prompt], videos=[frames], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt"
+    )
+    return model_inputs, frames, metadata
+
+
 class QTSplusVideoTextToTextPipeline(Pipeline):
     """Answer a question about a video with a QTSplus model.
 
@@ -48,33 +79,12 @@ class QTSplusVideoTextToTextPipeline(Pipeline):
             forward["qtsplus_keep_ratio"] = qtsplus_keep_ratio
         return preprocess, forward, {}
 
-    def _messages(self, inputs: dict) -> list[dict]:
-        if inputs.get("messages") is not None:
-            return inputs["messages"]
-        question = inputs.get("text")
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("the question (text=) is empty")
-        return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-
     def preprocess(self, inputs: dict, fps: float | None = None, min_frames: int | None = None,
                    max_frames: int | None = None) -> dict:
         if not isinstance(inputs, dict) or "video" not in inputs:
             raise ValueError("each input must be a dict with a 'video' and a 'text' (or 'messages')")
-        video_processor = self.processor.video_processor
-        size = video_processor.size
-        frames, metadata = load_video(
-            inputs["video"],
-            fps=fps or getattr(video_processor, "fps", None) or 2.0,
-            min_frames=min_frames or video_processor.min_frames,
-            max_frames=max_frames or video_processor.max_frames,
-            min_pixels=size["shortest_edge"],
-            max_pixels=size["longest_edge"],
-            factor=video_processor.patch_size * video_processor.merge_size,
-            temporal_patch_size=video_processor.temporal_patch_size,
-        )
-        prompt = self.processor.apply_chat_template(self._messages(inputs), add_generation_prompt=True, tokenize=False)
-        model_inputs = self.processor(
-            text=[prompt], videos=[frames], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt"
+        model_inputs, _, metadata = video_question_inputs(
+            self.processor, inputs["video"], inputs.get("text"), inputs.get("messages"), fps, min_frames, max_frames
         )
         model_inputs["duration"] = video_duration(metadata)
         return model_inputs
@@ -103,4 +113,4 @@ class QTSplusVideoTextToTextPipeline(Pipeline):
         return {"generated_text": text, "qtsplus": summary}
 
 
-__all__ = ["QTSplusVideoTextToTextPipeline"]
+__all__ = ["QTSplusVideoTextToTextPipeline", "video_question_inputs"]
