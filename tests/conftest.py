@@ -51,3 +51,32 @@ def two_sample_batch(config):
 def two_video_batch(config):
     """Sample 0 holds two videos (16 and 8 tokens), sample 1 one video (12 tokens)."""
     return video_prompt_batch([[(4, 4, 4), (2, 4, 4)], [(2, 4, 6)]], [4, 6], config, seed=3)
+
+
+def write_mp4(path, num_frames: int, fps: float, width: int = 64, height: int = 48, seed: int = 0) -> str:
+    """Encode a real H.264 mp4 with PyAV: random frames whose red channel carries the frame index."""
+    import av
+    import numpy as np
+
+    generator = np.random.default_rng(seed)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(num_frames):
+            frame = generator.integers(0, 255, (height, width, 3), dtype=np.uint8)
+            frame[..., 0] = index % 256
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random QTSplus model and processor saved with `save_checkpoint` (model, processor, pipeline code)."""
+    from qtsplus_hf import save_checkpoint
+    from qtsplus_hf.tiny import tiny_processor
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("checkpoint")
+    save_checkpoint(QTSplusQwen2_5_VLForConditionalGeneration(tiny_qtsplus_config()).eval(), tiny_processor(), folder)
+    return str(folder)

@@ -16,10 +16,10 @@ REMOTE_FILES = ("configuration_qtsplus.py", "modeling_qtsplus_qwen2_5_vl.py")
 AUTO_CLASSES = ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText")
 
 
-def imported_top_level_modules(path) -> set[str]:
+def imported_top_level_modules(path, module_level_only: bool = False) -> set[str]:
     tree = ast.parse(open(path).read())
     names = set()
-    for node in ast.walk(tree):
+    for node in tree.body if module_level_only else ast.walk(tree):
         if isinstance(node, ast.Import):
             names |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -75,3 +75,21 @@ def test_from_pretrained_of_a_stock_checkpoint_gives_an_identity_reencoder(stock
     assert torch.equal(model.lm_head.weight, stock_model.lm_head.weight)
     core = model.qtsplus.reencode_layers[0].core
     assert not core.o_proj.weight.any() and not core.ffn.net[2].weight.any()
+
+
+def test_every_shipped_remote_file_imports_only_torch_transformers_and_numpy(tiny_checkpoint):
+    """numpy comes with transformers; PyAV is imported inside the decoding functions only."""
+    shipped = sorted(name for name in os.listdir(tiny_checkpoint) if name.endswith(".py"))
+    assert shipped == sorted(REMOTE_FILES + ("pipeline_video_text_to_text.py", "processing_qtsplus.py",
+                                             "video_qtsplus.py"))
+    for name in shipped:
+        path = os.path.join(tiny_checkpoint, name)
+        module_level = imported_top_level_modules(path, module_level_only=True) - set(sys.stdlib_module_names)
+        assert module_level <= {"torch", "transformers", "numpy"}, (name, module_level)
+        anywhere = imported_top_level_modules(path) - set(sys.stdlib_module_names)
+        assert anywhere <= {"torch", "transformers", "numpy", "av"}, (name, anywhere)
+    config = json.loads(open(os.path.join(tiny_checkpoint, "config.json")).read())
+    assert config["custom_pipelines"]["video-text-to-text"]["impl"] == (
+        "pipeline_video_text_to_text.QTSplusVideoTextToTextPipeline")
+    processor_config = json.loads(open(os.path.join(tiny_checkpoint, "processor_config.json")).read())
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_qtsplus.QTSplusProcessor"

@@ -56,7 +56,7 @@ def _open_video_file(path: str):
         raise ValueError(f"cannot read {path} as a video ({error.strerror or type(error).__name__})") from None
     if not container.streams.video:
         container.close()
-        raise ValueError(f"{path} has no video stream (audio-only or not a video)")
+        raise ValueError(f"{path} has no video frames: no video stream (audio-only, empty or not a video)")
     return container, container.streams.video[0]
 
 
