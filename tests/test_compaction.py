@@ -110,3 +110,13 @@ def test_dropping_tokens_changes_the_prediction_input(converted_model, two_sampl
         outputs = converted_model(**two_sample_batch, qtsplus_keep_ratio=0.25)
     assert outputs.logits.shape[1] < two_sample_batch["input_ids"].shape[1]
     assert outputs.qtsplus.num_kept == [4, 3]
+
+
+def test_generate_with_several_sequences_per_prompt_keeps_the_prompt_in_front(converted_model, two_sample_batch):
+    torch.manual_seed(0)
+    out = converted_model.generate(**two_sample_batch, qtsplus_keep_ratio=0.25, max_new_tokens=3, do_sample=True,
+                                   num_return_sequences=2, return_dict_in_generate=True)
+    prompt = two_sample_batch["input_ids"]
+    assert out.sequences.shape == (4, prompt.shape[1] + 3)
+    assert torch.equal(out.sequences[:, : prompt.shape[1]], prompt.repeat_interleave(2, dim=0))
+    assert out["qtsplus"].num_kept == [4, 3]

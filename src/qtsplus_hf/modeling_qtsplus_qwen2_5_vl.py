@@ -810,10 +810,13 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             position_ids=prefill.position_ids,
             **kwargs,
         )
-        # From embeddings alone, generate returns only the new tokens: put the caller's prompt back in front.
+        # From embeddings alone, generate returns only the new tokens: put the caller's prompt back in front
+        # (repeated when num_return_sequences / beams expanded the batch).
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
         if isinstance(outputs, torch.Tensor):
-            return torch.cat([input_ids, outputs], dim=-1)
-        outputs.sequences = torch.cat([input_ids, outputs.sequences], dim=-1)
+            return torch.cat([prompt, outputs], dim=-1)
+        outputs.sequences = torch.cat([prompt, sequences], dim=-1)
         outputs["qtsplus"] = prefill.selection
         return outputs
 
