@@ -60,3 +60,20 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, tiny_checkpoi
     assert re.search(message, lines[0]), lines[0]
     assert not viz.exists() and not report.exists()
     assert not [name for name in os.listdir(tmp_path) if name.endswith((".png", ".json"))]
+
+
+def test_answer_with_the_selector_disabled_reports_every_token(tmp_path):
+    import torch
+
+    from qtsplus_hf import QTSplusQwen2_5_VLForConditionalGeneration, save_checkpoint
+    from qtsplus_hf.tiny import tiny_processor, tiny_qtsplus_config
+
+    torch.manual_seed(0)
+    model = QTSplusQwen2_5_VLForConditionalGeneration(tiny_qtsplus_config(qtsplus_enabled=False)).eval()
+    save_checkpoint(model, tiny_processor(), tmp_path / "stock-like")
+    report = tmp_path / "out.json"
+    result = answer("--model", str(tmp_path / "stock-like"), "--video", write_mp4(tmp_path / "v.mp4", 12, 6),
+                    "--question", "What colour?", "--json", str(report))
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(report.read_text())
+    assert data["kept_tokens"] == data["total_tokens"] > 0 and data["rho"] == 1.0

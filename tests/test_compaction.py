@@ -120,3 +120,49 @@ def test_generate_with_several_sequences_per_prompt_keeps_the_prompt_in_front(co
     assert out.sequences.shape == (4, prompt.shape[1] + 3)
     assert torch.equal(out.sequences[:, : prompt.shape[1]], prompt.repeat_interleave(2, dim=0))
     assert out["qtsplus"].num_kept == [4, 3]
+
+
+def test_rope_deltas_continue_after_the_stock_positions_when_the_last_patch_is_dropped(converted_model, config):
+    from qtsplus_hf.tiny import video_prompt_batch
+
+    batch = video_prompt_batch([[(16, 4, 4)]], [3], config)
+    stock_positions, stock_deltas = converted_model.model.get_rope_index(
+        batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], video_grid_thw=batch["video_grid_thw"],
+        second_per_grid_ts=batch["second_per_grid_ts"], attention_mask=batch["attention_mask"],
+    )
+    prefill = converted_model.prepare_qtsplus_inputs(**batch, qtsplus_keep_ratio=0.1)
+    assert prefill.selection.num_kept == [7]  # ceil(0.1 * 64)
+    next_position = prefill.rope_deltas[0, 0] + prefill.attention_mask.sum()
+    assert int(next_position) == int(stock_positions.max()) + 1
+
+
+@pytest.mark.parametrize("limit", ["max_length", "min_length"])
+def test_length_limits_count_the_callers_prompt(converted_model, stock_model, two_sample_batch, limit):
+    from conftest import stock_inputs
+
+    prompt = two_sample_batch["input_ids"].shape[1]
+    settings = {"max_length": prompt + 5} if limit == "max_length" else {"min_length": prompt + 5, "max_new_tokens": 8}
+    out = converted_model.generate(**two_sample_batch, qtsplus_keep_ratio=0.25, do_sample=False, **settings)
+    if limit == "max_length":
+        assert out.shape[1] == prompt + 5
+    else:
+        assert out.shape[1] >= prompt + 5
+    # and with nothing dropped, exactly the stock behaviour, a prompt-aware logits processor included
+    expected = stock_model.generate(**stock_inputs(two_sample_batch), do_sample=False, repetition_penalty=1.3,
+                                    no_repeat_ngram_size=2, **settings)
+    got = converted_model.generate(**two_sample_batch, qtsplus_keep_ratio=1.0, do_sample=False,
+                                   repetition_penalty=1.3, no_repeat_ngram_size=2, **settings)
+    assert torch.equal(got, expected)
+
+
+def test_return_dict_false_gives_a_tuple(converted_model, two_sample_batch):
+    with torch.no_grad():
+        as_tuple = converted_model(**two_sample_batch, qtsplus_keep_ratio=0.5, return_dict=False)
+        as_output = converted_model(**two_sample_batch, qtsplus_keep_ratio=0.5)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], as_output.logits)
+
+
+def test_second_per_grid_ts_as_a_list(converted_model, two_sample_batch):
+    batch = dict(two_sample_batch, second_per_grid_ts=[0.5, 2.0])
+    selection = converted_model.select(**batch, qtsplus_keep_ratio=1.0)
+    assert float(selection.timestamps[1].max()) == 2.0  # 2 temporal patches of 2 s

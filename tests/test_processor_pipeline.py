@@ -114,3 +114,28 @@ def test_pipeline_from_a_saved_folder_without_the_package(tmp_path, tiny_checkpo
         stats = result["qtsplus"]
         assert 1 <= stats["kept"] <= stats["total"] and stats["ratio"] == pytest.approx(stats["kept"] / stats["total"])
         assert stats["kept_seconds"] and all(0 <= second < duration for second in stats["kept_seconds"])
+
+
+def test_unpadded_python_lists_get_a_mask_per_row():
+    processor = tiny_processor()
+    inputs = processor(text=["What colour?", "Which object appears first?"])
+    assert [len(mask) for mask in inputs["qtsplus_query_mask"]] == [len(ids) for ids in inputs["input_ids"]]
+    assert all(all(mask) for mask in inputs["qtsplus_query_mask"])
+
+
+def test_pipeline_rejects_batching_and_returns_every_sequence(tmp_path):
+    from transformers import pipeline
+
+    from qtsplus_hf import QTSplusQwen2_5_VLForConditionalGeneration
+    from qtsplus_hf.tiny import tiny_qtsplus_config
+
+    torch.manual_seed(0)
+    model = QTSplusQwen2_5_VLForConditionalGeneration(tiny_qtsplus_config()).eval()
+    pipe = pipeline("video-text-to-text", model=model, processor=tiny_processor())
+    path = write_mp4(tmp_path / "v.mp4", 12, 6)
+    with pytest.raises(ValueError, match="batch_size > 1 is not supported"):
+        pipe([{"video": path, "text": QUESTION}] * 2, batch_size=2)
+    results = pipe(video=path, text=QUESTION, max_new_tokens=2, do_sample=True, num_return_sequences=3,
+                   return_dict_in_generate=True)
+    assert isinstance(results, list) and len(results) == 3
+    assert all(result["qtsplus"]["kept"] <= result["qtsplus"]["total"] for result in results)

@@ -156,3 +156,13 @@ def test_fresh_reencoder_is_the_identity_and_time_changes_a_trained_one(config):
     earlier = trained.reencode(kept, mask, seconds)
     later = trained.reencode(kept, mask, seconds + 30.0)
     assert not torch.allclose(earlier, later), "the timestamps do not reach the re-encoder"
+
+
+def test_training_gate_budget_is_capped_by_n_max():
+    selector = make_selector(qtsplus_max_tokens=4).train()
+    video, video_mask, query, query_mask, seconds = padded_videos([64], [3])
+    keep, _, rho, scores = selector(video, video_mask, query, query_mask, seconds)
+    assert int(keep.sum()) == 4
+    threshold = soft_threshold(scores, rho, video_mask, 0.1, max_tokens=4)
+    soft_mass = torch.sigmoid((scores - threshold[:, None]) / 0.1).sum()
+    torch.testing.assert_close(soft_mass, torch.tensor(4.0), atol=1e-3, rtol=0)

@@ -132,3 +132,16 @@ def test_ten_minutes_of_720p_at_1_fps_loads_in_under_1_gib(tmp_path):
     count, height, width, growth_kib = map(int, result.stdout.split()[-4:])
     assert count == 600 and height % 28 == 0 and width % 28 == 0
     assert growth_kib < 1024 * 1024, f"peak RSS grew by {growth_kib / 1024:.0f} MiB"
+
+
+def test_in_memory_frames_are_capped_and_resized_in_chunks():
+    import torch
+
+    array = np.random.default_rng(1).integers(0, 255, (40, 64, 64, 3), dtype=np.uint8)
+    frames, metadata = load_video(array, max_frames=8, min_pixels=64, max_pixels=32 * 32, factor=8)
+    assert frames.shape == (8, 32, 32, 3) and len(metadata.frames_indices) == 8
+    chosen = array[np.linspace(0, 39, 8).round().astype(int)]
+    whole = torch.nn.functional.interpolate(torch.from_numpy(chosen).permute(0, 3, 1, 2).float(), size=(32, 32),
+                                            mode="bilinear", antialias=True)
+    expected = whole.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(frames, expected)

@@ -122,13 +122,14 @@ def run_answer(args: argparse.Namespace) -> None:
         timer.remove()
     generate_seconds = time.perf_counter() - start
     answer = processor.batch_decode(outputs.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-    selection = outputs["qtsplus"]
+    selection = outputs.get("qtsplus")
+    total = int((inputs["input_ids"] == model.config.video_token_id).sum())
     result = {
         "answer": answer,
-        "kept_tokens": selection.num_kept[0],
-        "total_tokens": selection.num_tokens[0],
-        "rho": float(selection.rho[0]),
-        "kept_seconds": selection.timestamps[0].unique().tolist(),
+        "kept_tokens": selection.num_kept[0] if selection else total,
+        "total_tokens": total,
+        "rho": float(selection.rho[0]) if selection else 1.0,
+        "kept_seconds": selection.timestamps[0].unique().tolist() if selection else [],
         "seconds": {
             "decode": decode_seconds,
             "vision": timer.seconds["vision"],
@@ -139,7 +140,9 @@ def run_answer(args: argparse.Namespace) -> None:
     print(f"answer: {answer}")
     print(f"vision tokens kept: {result['kept_tokens']} of {result['total_tokens']} (rho = {result['rho']:.3f})")
     print("time: " + ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in result["seconds"].items()))
-    if args.viz:
+    if args.viz and selection is None:
+        print("selection picture: not drawn, QTSplus is disabled in this model (qtsplus_enabled=false)")
+    elif args.viz:
         from .visualize import save_selection_png, selection_figure_data
 
         video_processor = processor.video_processor

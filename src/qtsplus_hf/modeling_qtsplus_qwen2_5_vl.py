@@ -84,6 +84,7 @@ class QTSplusInputs:
     """The compacted prefill the language model runs on (see `prepare_qtsplus_inputs`).
 
     Attributes:
+        input_ids: `[batch, S']`, the ids of the kept tokens (for logits processors such as repetition penalty).
         inputs_embeds: `[batch, S', D]`, text embeddings and re-encoded kept video tokens.
         attention_mask: `[batch, S']`.
         position_ids: `[4, batch, S']`, a text row (for mask construction, as `generate` builds it) then the
@@ -94,6 +95,7 @@ class QTSplusInputs:
         rho_for_losses: `[num_videos]`, ρ with its graph (for the auxiliary losses).
     """
 
+    input_ids: torch.Tensor
     inputs_embeds: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
@@ -287,14 +289,19 @@ def top_n_mask(scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor) 
 
 
 def soft_threshold(
-    scores: torch.Tensor, rho: torch.Tensor, valid: torch.Tensor, tau: float, iterations: int = 40
+    scores: torch.Tensor, rho: torch.Tensor, valid: torch.Tensor, tau: float, iterations: int = 40,
+    max_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Threshold t `[V]` with Σ_j σ((r_j − t)/τ) = ρ·M over the valid tokens, differentiable in r and ρ.
+    """Threshold t `[V]` with Σ_j σ((r_j − t)/τ) = min(ρ·M, n_max) over the valid tokens, differentiable in r and ρ.
+
+    The soft budget is capped like the hard count, so the gate never credits tokens that n_max dropped.
 
     Bisection finds the root without a graph; one Newton step from it (whose value change is ~0) then carries the
     exact implicit-function gradient dt/dr, dt/dρ, without back-propagating through the iterations.
     """
     target = rho * valid.sum(-1)
+    if max_tokens is not None:
+        target = target.clamp(max=float(max_tokens))
     with torch.no_grad():
         detached = scores.detach()
         low = detached.masked_fill(~valid, float("inf")).amin(-1) - 20 * tau
@@ -402,7 +409,8 @@ class QTSplusSelector(nn.Module):
         if self.training:
             # Straight-through gate: forward value exactly 1 on kept tokens, gradient of σ((r − t)/τ) backwards,
             # so the LM loss reaches the scoring layers (through r) and the budget head (through t(ρ)).
-            threshold = soft_threshold(scores, rho, video_mask, self.config.qtsplus_tau)
+            cap = self.config.qtsplus_max_tokens if keep_ratio is None else None
+            threshold = soft_threshold(scores, rho, video_mask, self.config.qtsplus_tau, max_tokens=cap)
             soft = torch.sigmoid((scores - threshold[:, None]) / self.config.qtsplus_tau)
             gate = keep.to(soft.dtype) + (soft - soft.detach())
             kept_features = video * gate[..., None].to(video.dtype)
@@ -447,15 +455,15 @@ def compact_rows(
 
 
 def video_token_timestamps(
-    video_grid_thw: torch.Tensor, second_per_grid_ts: torch.Tensor | None, spatial_merge_size: int
+    video_grid_thw: torch.Tensor, second_per_grid_ts, spatial_merge_size: int, device: torch.device
 ) -> list[torch.Tensor]:
     """Start time in seconds of the temporal patch of every LM video token, one `[M_v]` tensor per video."""
     if second_per_grid_ts is None:  # the stock model's default spacing: one second per temporal patch
-        second_per_grid_ts = torch.ones(video_grid_thw.shape[0])
+        second_per_grid_ts = [1.0] * len(video_grid_thw)
     timestamps = []
-    for (grid_t, grid_h, grid_w), interval in zip(video_grid_thw.tolist(), second_per_grid_ts.tolist()):
+    for (grid_t, grid_h, grid_w), interval in zip(video_grid_thw.tolist(), torch.as_tensor(second_per_grid_ts).tolist()):
         tokens_per_patch = (grid_h // spatial_merge_size) * (grid_w // spatial_merge_size)
-        times = torch.arange(grid_t, dtype=torch.float32, device=video_grid_thw.device) * float(interval)
+        times = torch.arange(grid_t, dtype=torch.float32, device=device) * float(interval)
         timestamps.append(times.repeat_interleave(tokens_per_patch))
     return timestamps
 
@@ -521,11 +529,12 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             question = attention_mask.bool() & ~torch.isin(input_ids, vision_ids)
         if labels is not None:  # the answer must never steer the selection
             question = question & (labels == IGNORE_INDEX)
-        empty = (~question.any(-1)).nonzero().flatten().tolist()
+        has_video = (input_ids == self.config.video_token_id).any(-1)
+        empty = (has_video & ~question.any(-1)).nonzero().flatten().tolist()
         if empty:
             raise ValueError(
                 f"the question is empty in batch row(s) {empty}: qtsplus_query_mask (or, without it, the attended "
-                "non-vision, non-label tokens) must mark at least one token per sample"
+                "non-vision, non-label tokens) must mark at least one token in every sample with a video"
             )
         return question
 
@@ -602,7 +611,9 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         video = nn.utils.rnn.pad_sequence(list(video_embeds), batch_first=True).to(inputs_embeds.dtype)
         video_mask = torch.arange(video.shape[1], device=video.device)[None, :] < num_tokens[:, None]
         seconds = nn.utils.rnn.pad_sequence(
-            video_token_timestamps(video_grid_thw, second_per_grid_ts, self.config.vision_config.spatial_merge_size),
+            video_token_timestamps(
+                video_grid_thw, second_per_grid_ts, self.config.vision_config.spatial_merge_size, video.device
+            ),
             batch_first=True,
         )
         keep, kept_tokens, rho, scores = self.qtsplus(
@@ -634,8 +645,9 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         new_attention_mask = compact(attention_mask, 0)
         mrope_positions = compact(position_ids.permute(1, 2, 0), 0).permute(2, 0, 1)
         text_positions = (new_attention_mask.long().cumsum(-1) - 1).masked_fill(new_attention_mask == 0, 0)
-        attended_max = mrope_positions.masked_fill(new_attention_mask[None] == 0, 0).amax(dim=(0, 2))
-        rope_deltas = (attended_max + 1 - new_attention_mask.sum(-1))[:, None]
+        # Decoding continues after the largest stock position, which a dropped video token may have held.
+        next_position = position_ids.masked_fill(attention_mask[None] == 0, 0).amax(dim=(0, 2)) + 1
+        rope_deltas = (next_position - new_attention_mask.sum(-1))[:, None]
 
         kept_per_video = keep.sum(-1).tolist()
         selection = QTSplusSelection(
@@ -646,6 +658,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             timestamps=list(seconds[keep].split(kept_per_video)),
         )
         return QTSplusInputs(
+            input_ids=compact(input_ids, self.config.text_config.pad_token_id or 0),
             inputs_embeds=compact(inputs_embeds, 0),
             attention_mask=new_attention_mask,
             position_ids=torch.cat([text_positions[None], mrope_positions], dim=0),
@@ -707,11 +720,13 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         When the selector runs, `logits` (and the loss) cover the compacted sequence.
         """
         self._check_keep_ratio(qtsplus_keep_ratio)
+        return_dict = kwargs.pop("return_dict", None)
         stock_inputs = dict(
             attention_mask=attention_mask,
             position_ids=position_ids,
             labels=labels,
             logits_to_keep=logits_to_keep,
+            return_dict=True,
             **kwargs,
         )
         if not self._runs_selector(pixel_values_videos):
@@ -726,7 +741,8 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
                 second_per_grid_ts=second_per_grid_ts,
                 **stock_inputs,
             )
-            return QTSplusCausalLMOutputWithPast(**outputs, lm_loss=outputs.loss)
+            result = QTSplusCausalLMOutputWithPast(**outputs, lm_loss=outputs.loss)
+            return result if return_dict is not False else result.to_tuple()
         if inputs_embeds is not None or position_ids is not None:
             raise ValueError("with pixel_values_videos, pass input_ids (not inputs_embeds / position_ids): QTSplus "
                              "builds the embeddings and positions of the compacted sequence itself")
@@ -761,7 +777,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
                 + self.config.qtsplus_lambda_kv * aux["kv_loss"]
                 + self.config.qtsplus_lambda_smooth * aux["smooth_loss"]
             )
-        return result
+        return result if return_dict is not False else result.to_tuple()
 
     def generate(
         self,
@@ -804,21 +820,34 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
                 **stock_inputs,
             )
         self.model.rope_deltas = prefill.rope_deltas
+        dropped = input_ids.shape[1] - prefill.input_ids.shape[1]
         outputs = super().generate(
+            input_ids=prefill.input_ids,  # what logits processors (repetition penalty, ...) see as the prompt
             inputs_embeds=prefill.inputs_embeds,
             attention_mask=prefill.attention_mask,
             position_ids=prefill.position_ids,
-            **kwargs,
+            **self._shift_length_limits(kwargs, dropped),
         )
-        # From embeddings alone, generate returns only the new tokens: put the caller's prompt back in front
-        # (repeated when num_return_sequences / beams expanded the batch).
+        # Swap the compacted prompt for the caller's (repeated when num_return_sequences / beams grew the batch).
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
         prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+        sequences = torch.cat([prompt, sequences[:, prefill.input_ids.shape[1]:]], dim=-1)
         if isinstance(outputs, torch.Tensor):
-            return torch.cat([prompt, outputs], dim=-1)
-        outputs.sequences = torch.cat([prompt, sequences], dim=-1)
+            return sequences
+        outputs.sequences = sequences
         outputs["qtsplus"] = prefill.selection
         return outputs
+
+    def _shift_length_limits(self, kwargs: dict, dropped: int) -> dict:
+        """`max_length` / `min_length` count the prompt: shorten them by the tokens the selector dropped."""
+        kwargs = dict(kwargs)
+        config = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("max_length") is None and kwargs.get("max_new_tokens") is None and config.max_new_tokens is None:
+            kwargs["max_length"] = config.max_length  # the config's limit also counts the caller's full prompt
+        for name in ("max_length", "min_length"):
+            if kwargs.get(name):
+                kwargs[name] = max(int(kwargs[name]) - dropped, 0)
+        return kwargs
 
     # -- conversion and saving -------------------------------------------------------------------------------------
 
@@ -866,7 +895,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             config_dict.pop(key, None)
         config = QTSplusConfig(**config_dict, **config_overrides)
         config._attn_implementation = stock.config._attn_implementation
-        model = cls(config).to(device=stock.device, dtype=stock.dtype)
+        model = cls._from_config(config, dtype=stock.dtype).to(stock.device)
         missing, unexpected = model.load_state_dict(stock.state_dict(), strict=False)
         if unexpected or any(not key.startswith("qtsplus.") for key in missing):
             raise ValueError(f"checkpoint does not fit Qwen2.5-VL: missing {missing}, unexpected {unexpected}")

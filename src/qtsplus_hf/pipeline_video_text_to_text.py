@@ -55,7 +55,7 @@ class QTSplusVideoTextToTextPipeline(Pipeline):
     Keyword arguments: `fps`, `min_frames`, `max_frames` (frame sampling), `qtsplus_keep_ratio`, and generation
     arguments (`max_new_tokens`, `do_sample`, ...), which pass through to `model.generate`.
 
-    Each result: `{"generated_text": str, "qtsplus": {"kept": n, "total": M, "ratio": n / M, "rho": ρ,
+    Each result (a list of them with `num_return_sequences > 1`): `{"generated_text": str, "qtsplus": {"kept": n, "total": M, "ratio": n / M, "rho": ρ,
     "kept_seconds": [...]}}`; `kept_seconds` are the distinct start times (seconds) of the kept tokens' frames.
     """
 
@@ -65,6 +65,8 @@ class QTSplusVideoTextToTextPipeline(Pipeline):
     _load_tokenizer = False
 
     def __call__(self, inputs: Any = None, video: Any = None, text: str | None = None, **kwargs):
+        if (kwargs.get("batch_size") or self._batch_size or 1) > 1:
+            raise ValueError("batch_size > 1 is not supported: videos differ in length; pass a list to run several")
         if inputs is None:
             if video is None:
                 raise ValueError("pass video= (a path, frames or an array) and text= (the question)")
@@ -74,7 +76,7 @@ class QTSplusVideoTextToTextPipeline(Pipeline):
     def _sanitize_parameters(self, fps=None, min_frames=None, max_frames=None, qtsplus_keep_ratio=None, **generate):
         preprocess = {key: value for key, value in
                       (("fps", fps), ("min_frames", min_frames), ("max_frames", max_frames)) if value is not None}
-        forward = dict(generate)
+        forward = {key: value for key, value in generate.items() if key != "return_dict_in_generate"}
         if qtsplus_keep_ratio is not None:
             forward["qtsplus_keep_ratio"] = qtsplus_keep_ratio
         return preprocess, forward, {}
@@ -100,8 +102,8 @@ class QTSplusVideoTextToTextPipeline(Pipeline):
             "duration": duration,
         }
 
-    def postprocess(self, model_outputs: dict) -> dict:
-        text = self.processor.batch_decode(model_outputs["new_tokens"], skip_special_tokens=True)[0]
+    def postprocess(self, model_outputs: dict) -> dict | list[dict]:
+        texts = self.processor.batch_decode(model_outputs["new_tokens"], skip_special_tokens=True)
         selection, total = model_outputs["selection"], model_outputs["total"]
         if selection is None:  # QTSplus disabled: every token went to the language model
             summary = {"kept": total, "total": total, "ratio": 1.0, "rho": 1.0, "kept_seconds": []}
@@ -110,7 +112,8 @@ class QTSplusVideoTextToTextPipeline(Pipeline):
             seconds = torch.cat(selection.timestamps).unique().tolist()
             summary = {"kept": kept, "total": sum(selection.num_tokens), "ratio": kept / max(total, 1),
                        "rho": float(selection.rho.mean()), "kept_seconds": seconds}
-        return {"generated_text": text, "qtsplus": summary}
+        results = [{"generated_text": text, "qtsplus": summary} for text in texts]
+        return results[0] if len(results) == 1 else results  # several with num_return_sequences > 1
 
 
 __all__ = ["QTSplusVideoTextToTextPipeline", "video_question_inputs"]

@@ -21,15 +21,19 @@ class QTSplusProcessor(Qwen2_5_VLProcessor):
     def __call__(self, *args, **kwargs) -> BatchFeature:
         outputs = super().__call__(*args, **kwargs)
         input_ids = outputs["input_ids"]
-        as_tensor = torch.as_tensor(input_ids)
-        mask = self.question_token_mask(as_tensor.reshape(-1, as_tensor.shape[-1])).reshape(as_tensor.shape)
-        if "attention_mask" in outputs:
-            mask &= torch.as_tensor(outputs["attention_mask"]).bool()
-        outputs["qtsplus_query_mask"] = mask if isinstance(input_ids, torch.Tensor) else mask.tolist()
+        if isinstance(input_ids, torch.Tensor):
+            mask = self.question_token_mask(input_ids.reshape(-1, input_ids.shape[-1])).reshape(input_ids.shape)
+            if "attention_mask" in outputs:
+                mask &= outputs["attention_mask"].bool()
+        else:  # python lists, possibly ragged (no padding) or a single unbatched row
+            rows = input_ids if input_ids and isinstance(input_ids[0], list) else [input_ids]
+            mask = [self.question_token_mask(torch.tensor([row]))[0].tolist() for row in rows]
+            mask = mask if rows is input_ids else mask[0]
+        outputs["qtsplus_query_mask"] = mask
         return outputs
 
     def question_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Bool `[batch, seq]`: the tokens of user-message text (vision tokens excluded)."""
+        """Bool `[batch, seq]` from `input_ids [batch, seq]`: the tokens of user-message text (no vision tokens)."""
         tokenizer = self.tokenizer
         im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
         vision_ids = torch.tensor(

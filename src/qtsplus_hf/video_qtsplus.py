@@ -129,6 +129,16 @@ def frames_to_array(video) -> np.ndarray:
     return video
 
 
+def resize_frames(frames: np.ndarray, height: int, width: int, chunk: int = 16) -> np.ndarray:
+    """Antialiased bilinear resize of uint8 `[T, H, W, 3]`, a few frames at a time so float copies stay small."""
+    out = np.empty((len(frames), height, width, 3), dtype=np.uint8)
+    for start in range(0, len(frames), chunk):
+        block = torch.from_numpy(frames[start : start + chunk]).permute(0, 3, 1, 2).float()
+        block = torch.nn.functional.interpolate(block, size=(height, width), mode="bilinear", antialias=True)
+        out[start : start + chunk] = block.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return out
+
+
 def load_video(
     video,
     fps: float = 2.0,
@@ -162,16 +172,15 @@ def load_video(
         )
     else:
         frames = frames_to_array(video)
+        if len(frames) > max_frames:  # in-memory frames are already sampled; only the cap applies
+            keep = np.linspace(0, len(frames) - 1, max(max_frames // temporal_patch_size, 1) * temporal_patch_size)
+            frames = frames[keep.round().astype(int)]
         height, width = frame_size(
             frames.shape[1], frames.shape[2], len(frames), factor, min_pixels, max_pixels, total_pixels,
             temporal_patch_size,
         )
         if (height, width) != frames.shape[1:3]:
-            resized = torch.nn.functional.interpolate(
-                torch.from_numpy(frames).permute(0, 3, 1, 2).float(), size=(height, width), mode="bilinear",
-                antialias=True,
-            )
-            frames = resized.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+            frames = resize_frames(frames, height, width)
         metadata = VideoMetadata(
             total_num_frames=len(frames), fps=float(fps), width=width, height=height, duration=len(frames) / fps,
             video_backend="frames", frames_indices=list(range(len(frames))),
