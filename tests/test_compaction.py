@@ -166,3 +166,19 @@ def test_second_per_grid_ts_as_a_list(converted_model, two_sample_batch):
     batch = dict(two_sample_batch, second_per_grid_ts=[0.5, 2.0])
     selection = converted_model.select(**batch, qtsplus_keep_ratio=1.0)
     assert float(selection.timestamps[1].max()) == 2.0  # 2 temporal patches of 2 s
+
+
+@pytest.mark.parametrize("chunk_frames", [2, 4, 6])
+def test_chunked_vision_encoding_equals_whole_videos(converted_model, two_video_batch, chunk_frames):
+    model = converted_model
+    grids, pixels = two_video_batch["video_grid_thw"], two_video_batch["pixel_values_videos"]
+    with torch.no_grad():
+        whole = model.encode_videos(pixels, grids)
+        model.config.qtsplus_vision_chunk_frames = chunk_frames
+        try:
+            chunked = model.encode_videos(pixels, grids)
+        finally:
+            model.config.qtsplus_vision_chunk_frames = 0
+    assert [len(f) for f in chunked] == [len(f) for f in whole] == [16, 8, 12]
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -34,6 +34,7 @@ def test_save_and_reload_keeps_every_field(tmp_path):
         ({"qtsplus_num_scoring_layers": 0}, "qtsplus_num_scoring_layers"),
         ({"qtsplus_num_reencode_layers": -1}, "qtsplus_num_reencode_layers"),
         ({"qtsplus_lambda_kv": -0.1}, "qtsplus_lambda_kv"),
+        ({"qtsplus_vision_chunk_frames": 3}, "qtsplus_vision_chunk_frames"),
     ],
 )
 def test_out_of_range_values_name_the_field(overrides, field):

@@ -36,6 +36,10 @@ class QTSplusConfig(Qwen2_5_VLConfig):
             Hidden width of the budget head MLP `(d + 3) -> hidden -> 1`.
         qtsplus_time_embedding_dim (`int`, defaults to 64):
             Number of sinusoidal features of a timestamp before the learned projection to the model width.
+        qtsplus_vision_chunk_frames (`int`, defaults to 0):
+            Encode videos this many frames at a time (a multiple of the temporal patch size) so the vision encoder's
+            activation memory no longer grows with video length; 0 encodes each video at once. The features are the
+            same: the Qwen2.5-VL vision encoder attends only within a temporal patch.
     """
 
     model_type = "qtsplus_qwen2_5_vl"
@@ -53,6 +57,7 @@ class QTSplusConfig(Qwen2_5_VLConfig):
     qtsplus_lambda_smooth: float = 0.05
     qtsplus_budget_hidden_size: int = 256
     qtsplus_time_embedding_dim: int = 64
+    qtsplus_vision_chunk_frames: int = 0
 
     def __post_init__(self, **kwargs):
         self._validate_qtsplus()
@@ -79,12 +84,18 @@ class QTSplusConfig(Qwen2_5_VLConfig):
             ("qtsplus_num_reencode_layers", 0),
             ("qtsplus_budget_hidden_size", 1),
             ("qtsplus_time_embedding_dim", 2),
+            ("qtsplus_vision_chunk_frames", 0),
         ):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 fail(field, f"an integer >= {minimum}")
         if self.qtsplus_time_embedding_dim % 2:
             fail("qtsplus_time_embedding_dim", "even (sine and cosine pairs)")
+        temporal_patch_size = getattr(self.vision_config, "temporal_patch_size", None)
+        if temporal_patch_size is None and isinstance(self.vision_config, dict):
+            temporal_patch_size = self.vision_config.get("temporal_patch_size")
+        if self.qtsplus_vision_chunk_frames % (temporal_patch_size or 2):
+            fail("qtsplus_vision_chunk_frames", f"a multiple of the temporal patch size ({temporal_patch_size or 2})")
         for field in ("qtsplus_lambda_flops", "qtsplus_lambda_kv", "qtsplus_lambda_smooth"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:

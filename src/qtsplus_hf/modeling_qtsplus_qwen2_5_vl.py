@@ -551,6 +551,27 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             raise ValueError("the video placeholder tokens of one video are split across batch rows")
         return owner
 
+    def encode_videos(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.LongTensor) -> list[torch.Tensor]:
+        """Vision features `[M_v, D]` per video, encoded `qtsplus_vision_chunk_frames` frames at a time if set.
+
+        The encoder's attention never crosses a temporal patch (window attention within a frame patch, full
+        attention within `cu_seqlens` of one temporal patch), so chunks of whole temporal patches give the same
+        features while bounding its activation memory.
+        """
+        chunk = self.config.qtsplus_vision_chunk_frames // self.config.vision_config.temporal_patch_size
+        if chunk == 0:
+            return list(self.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output)
+        features, offset = [], 0
+        for grid_t, grid_h, grid_w in video_grid_thw.tolist():
+            pieces = []
+            for start in range(0, grid_t, chunk):  # a loop over chunks of frames, not tokens
+                grid = torch.tensor([[min(chunk, grid_t - start), grid_h, grid_w]], device=video_grid_thw.device)
+                rows = int(grid.prod())
+                pieces += self.model.get_video_features(pixel_values_videos[offset : offset + rows], grid).pooler_output
+                offset += rows
+            features.append(torch.cat(pieces))
+        return features
+
     def prepare_qtsplus_inputs(
         self,
         input_ids: torch.LongTensor,
@@ -593,7 +614,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds.to(inputs_embeds.dtype))
 
         video_positions = input_ids == self.config.video_token_id
-        video_embeds = self.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output
+        video_embeds = self.encode_videos(pixel_values_videos, video_grid_thw)
         num_tokens = torch.tensor([len(v) for v in video_embeds], device=input_ids.device)
         if int(video_positions.sum()) != int(num_tokens.sum()):
             raise ValueError(
