@@ -60,8 +60,14 @@ def run_demo(args: argparse.Namespace) -> None:
 def write_json_atomically(path: str, payload: dict) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".json", delete=False) as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(handle.name, path)
+        temporary = handle.name
+        try:
+            json.dump(payload, handle, indent=2)
+        except (TypeError, ValueError):
+            handle.close()
+            os.remove(temporary)
+            raise
+    os.replace(temporary, path)
 
 
 class StageTimer:

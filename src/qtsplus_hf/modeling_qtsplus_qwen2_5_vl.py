@@ -16,6 +16,7 @@ Remote-code file: it imports only `torch`, `transformers` and its sibling `confi
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -103,7 +104,6 @@ class QTSplusInputs:
     rope_deltas: torch.Tensor
     selection: QTSplusSelection
     rho_for_losses: torch.Tensor
-    num_tokens: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -585,7 +585,6 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         second_per_grid_ts: torch.Tensor | None = None,
         qtsplus_query_mask: torch.Tensor | None = None,
         qtsplus_keep_ratio: float | None = None,
-        **unused,
     ) -> QTSplusInputs:
         """Run the vision encoder and the selector once and build the compacted prefill (see `QTSplusInputs`).
 
@@ -662,9 +661,9 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         destination = sequence_keep.long().cumsum(-1) - 1
         if not right_padded:
             destination = destination + (length - new_lengths)[:, None]
-        compact = lambda tensor, pad: compact_rows(tensor, sequence_keep, destination, length, pad)  # noqa: E731
-        new_attention_mask = compact(attention_mask, 0)
-        mrope_positions = compact(position_ids.permute(1, 2, 0), 0).permute(2, 0, 1)
+        compact = partial(compact_rows, keep=sequence_keep, destination=destination, length=length)
+        new_attention_mask = compact(attention_mask, pad_value=0)
+        mrope_positions = compact(position_ids.permute(1, 2, 0), pad_value=0).permute(2, 0, 1)
         text_positions = (new_attention_mask.long().cumsum(-1) - 1).masked_fill(new_attention_mask == 0, 0)
         # Decoding continues after the largest stock position, which a dropped video token may have held.
         next_position = position_ids.masked_fill(attention_mask[None] == 0, 0).amax(dim=(0, 2)) + 1
@@ -679,15 +678,14 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             timestamps=list(seconds[keep].split(kept_per_video)),
         )
         return QTSplusInputs(
-            input_ids=compact(input_ids, self.config.text_config.pad_token_id or 0),
-            inputs_embeds=compact(inputs_embeds, 0),
+            input_ids=compact(input_ids, pad_value=self.config.text_config.pad_token_id or 0),
+            inputs_embeds=compact(inputs_embeds, pad_value=0),
             attention_mask=new_attention_mask,
             position_ids=torch.cat([text_positions[None], mrope_positions], dim=0),
-            labels=None if labels is None else compact(labels, IGNORE_INDEX),
+            labels=None if labels is None else compact(labels, pad_value=IGNORE_INDEX),
             rope_deltas=rope_deltas,
             selection=selection,
             rho_for_losses=rho,
-            num_tokens=num_tokens,
         )
 
     def _runs_selector(self, pixel_values_videos: torch.Tensor | None) -> bool:
@@ -789,7 +787,8 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
 
         result = QTSplusCausalLMOutputWithPast(**outputs, qtsplus=prefill.selection, lm_loss=outputs.loss)
         if labels is not None:
-            aux = self.auxiliary_losses(prefill.rho_for_losses, prefill.num_tokens)
+            num_tokens = torch.tensor(prefill.selection.num_tokens, device=prefill.rho_for_losses.device)
+            aux = self.auxiliary_losses(prefill.rho_for_losses, num_tokens)
             for name, value in aux.items():
                 setattr(result, name, value)
             result.loss = (
