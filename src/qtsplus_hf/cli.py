@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -163,6 +164,79 @@ def run_answer(args: argparse.Namespace) -> None:
         write_json_atomically(args.json, result)
 
 
+def run_train(args: argparse.Namespace) -> None:
+    """Fine-tune with the Trainer (selector, lora or full) and write a checkpoint or a LoRA adapter."""
+    from .training import options_from_namespace, train
+
+    result = train(options_from_namespace(args))
+    final = [entry for entry in result.log_history if "train_loss" in entry]
+    losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
+    print(f"trained on {result.train_rows} rows ({result.skipped_rows} skipped), mode {args.mode}")
+    if losses:
+        print(f"loss: first logged {losses[0]:.4f}, last logged {losses[-1]:.4f}")
+    if final:
+        print(f"steps: {final[-1]['step']}, mean training loss {final[-1]['train_loss']:.4f}")
+    print(f"written: {result.output}")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    """Multiple-choice accuracy (overall, per question type), mean kept ratio and latency of a checkpoint."""
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise ValueError(f"--json: the folder of {args.json} does not exist")
+    from .data import load_video_qa
+    from .evaluation import evaluate_multiple_choice
+    from .training import load_model_and_processor
+
+    model, processor = load_model_and_processor(args.model)
+    data = load_video_qa(args.data, args.video_root)
+    rows = data.rows[: args.limit] if args.limit else data.rows
+    result = evaluate_multiple_choice(model, processor, rows, args.keep_ratio, args.fps, args.max_frames)
+    result.metrics["skipped"] += len(data.skipped)
+    print(result.table())
+    if args.json:
+        write_json_atomically(args.json, {"metrics": result.metrics, "predictions": result.predictions})
+
+
+def add_train_parser(commands) -> None:
+    train = commands.add_parser("train", help="fine-tune on video QA data with the Trainer (selector, lora, full)")
+    train.add_argument("--model", required=True, help="QTSplus (or stock Qwen2.5-VL) checkpoint folder")
+    train.add_argument("--data", required=True, help="JSON / JSONL / CSV file or saved datasets folder")
+    train.add_argument("--output", required=True, help="new folder for the checkpoint or LoRA adapter")
+    train.add_argument("--mode", choices=("selector", "lora", "full"), default="lora")
+    train.add_argument("--video-root", default=None, help="folder that relative video paths start from")
+    train.add_argument("--epochs", type=float, default=1.0)
+    train.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
+    train.add_argument("--learning-rate", type=float, default=1e-4)
+    train.add_argument("--batch-size", type=positive_int, default=1, help="per device")
+    train.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
+    train.add_argument("--warmup-steps", type=float, default=0.0, help="steps, or a share of them if below 1")
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--lora-r", type=positive_int, default=16)
+    train.add_argument("--lora-alpha", type=positive_int, default=32)
+    train.add_argument("--lora-dropout", type=float, default=0.05)
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--bf16", action="store_true", help="bf16 mixed precision (where the device supports it)")
+    train.add_argument("--fps", type=float, default=None, help="frames sampled per second (default: processor's)")
+    train.add_argument("--max-frames", type=positive_int, default=None)
+    train.add_argument("--logging-steps", type=positive_int, default=10)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--merge", action="store_true", help="lora: also write the merged full checkpoint")
+    train.set_defaults(handler=run_train)
+
+
+def add_eval_parser(commands) -> None:
+    evaluation = commands.add_parser("eval", help="multiple-choice accuracy, kept ratio and latency on QA data")
+    evaluation.add_argument("--model", required=True, help="QTSplus (or stock Qwen2.5-VL) checkpoint folder")
+    evaluation.add_argument("--data", required=True, help="JSON / JSONL / CSV file or saved datasets folder")
+    evaluation.add_argument("--video-root", default=None, help="folder that relative video paths start from")
+    evaluation.add_argument("--keep-ratio", type=keep_ratio, default=None, help="fixed keep ratio (default: predicted)")
+    evaluation.add_argument("--fps", type=float, default=None)
+    evaluation.add_argument("--max-frames", type=positive_int, default=None)
+    evaluation.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N usable rows")
+    evaluation.add_argument("--json", default=None, help="write metrics and per-question predictions here")
+    evaluation.set_defaults(handler=run_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="qtsplus", description="QTSplus query-aware video token selection.")
     parser.add_argument("--version", action="version", version=f"qtsplus-hf {__version__}")
@@ -185,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("--viz", default=None, help="write a PNG of the kept patches and relevance over time")
     answer.add_argument("--json", default=None, help="write the result as JSON to this path")
     answer.set_defaults(handler=run_answer)
+    add_train_parser(commands)
+    add_eval_parser(commands)
     return parser
 
 
@@ -194,11 +270,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    # The library reports through `logging` (e.g. skipped data rows): show its warnings on stderr, one line each.
+    library_logger = logging.getLogger("qtsplus_hf")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"qtsplus {args.command}: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    library_logger.addHandler(handler)
     try:
         args.handler(args)
     except (ValueError, OSError) as error:
         print(f"qtsplus {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        library_logger.removeHandler(handler)
     return 0
 
 

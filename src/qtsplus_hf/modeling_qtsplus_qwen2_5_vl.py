@@ -480,6 +480,9 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
     config_class = QTSplusConfig
     config: QTSplusConfig
     _auto_class_names = ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText")
+    # The loss adds per-batch means (the auxiliary terms) to the LM loss, so the Trainer must average micro-batches
+    # itself under gradient accumulation instead of handing `num_items_in_batch` to the LM loss alone.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: QTSplusConfig) -> None:
         super().__init__(config)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import Pipeline
 
-from .video_qtsplus import load_video, video_duration
+from .video_qtsplus import load_video_for_processor, video_duration
 
 
 def video_question_inputs(
@@ -27,17 +27,7 @@ def video_question_inputs(
         if not isinstance(question, str) or not question.strip():
             raise ValueError("the question is empty")
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-    video_processor = processor.video_processor
-    frames, metadata = load_video(
-        video,
-        fps=fps or getattr(video_processor, "fps", None) or 2.0,
-        min_frames=min_frames or video_processor.min_frames,
-        max_frames=max_frames or video_processor.max_frames,
-        min_pixels=video_processor.size["shortest_edge"],
-        max_pixels=video_processor.size["longest_edge"],
-        factor=video_processor.patch_size * video_processor.merge_size,
-        temporal_patch_size=video_processor.temporal_patch_size,
-    )
+    frames, metadata = load_video_for_processor(processor, video, fps, min_frames, max_frames)
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     model_inputs = processor(
         text=[prompt], videos=[frames], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt"

@@ -193,10 +193,27 @@ def load_video(
     return frames, metadata
 
 
+def load_video_for_processor(
+    processor, video, fps: float | None = None, min_frames: int | None = None, max_frames: int | None = None
+) -> tuple[np.ndarray, VideoMetadata]:
+    """`load_video` with a Qwen2.5-VL processor's sampling and pixel settings (arguments given here override them)."""
+    video_processor = processor.video_processor
+    return load_video(
+        video,
+        fps=fps or getattr(video_processor, "fps", None) or 2.0,
+        min_frames=min_frames or video_processor.min_frames,
+        max_frames=max_frames or video_processor.max_frames,
+        min_pixels=video_processor.size["shortest_edge"],
+        max_pixels=video_processor.size["longest_edge"],
+        factor=video_processor.patch_size * video_processor.merge_size,
+        temporal_patch_size=video_processor.temporal_patch_size,
+    )
+
+
 def video_duration(metadata: VideoMetadata) -> float:
     """Seconds covered by the source video."""
     return float(metadata.duration or metadata.total_num_frames / (metadata.fps or 1.0))
 
 
-__all__ = ["load_video", "sample_frame_indices", "video_duration"]
+__all__ = ["load_video", "load_video_for_processor", "sample_frame_indices", "video_duration"]
 

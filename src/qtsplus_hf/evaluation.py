@@ -1,0 +1,110 @@
+# Copyright 2026 The qtsplus-hf authors. Licensed under the Apache License, Version 2.0.
+"""Multiple-choice evaluation: the model's option letter per question, accuracy (overall and per question type),
+the share of vision tokens kept, and latency.
+
+The choice is the option letter with the highest logit at the first generated position (`generate` with one new
+token), so a model that would go on to write "B. blue" or "B" counts the same; the paper scores VSCQ this way.
+"""
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import LETTERS, VideoQACollator
+
+
+METRIC_PATH = os.path.join(os.path.dirname(__file__), "metrics", "video_qa_accuracy.py")
+
+
+def option_letter_token_ids(tokenizer, num_options: int) -> list[int]:
+    """Token id of each option letter `A`, `B`, ...; ValueError when a letter is not a single token."""
+    ids = []
+    for letter in LETTERS[:num_options]:
+        encoded = tokenizer.encode(letter, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ValueError(f"the option letter {letter!r} is not a single token for this tokenizer: {encoded}")
+        ids.append(encoded[0])
+    return ids
+
+
+@dataclass
+class EvalResult:
+    """`metrics`: accuracy, count, accuracy/<type>, count/<type>, mean_kept_ratio, mean_latency_s,
+    mean_load_s, skipped. `predictions`: one dict per question."""
+
+    metrics: dict
+    predictions: list[dict] = field(default_factory=list)
+
+    def table(self) -> str:
+        """The metrics as an aligned two-column text table."""
+        width = max(len(name) for name in self.metrics)
+        lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
+        for name, value in self.metrics.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"{name.ljust(width)}  {shown}")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def predict_option(model, batch: dict, letter_ids: Sequence[int], keep_ratio: float | None) -> tuple[int, object]:
+    """Index of the chosen option for one question, and the selection QTSplus made (None when it is disabled)."""
+    outputs = model.generate(
+        **batch, qtsplus_keep_ratio=keep_ratio, max_new_tokens=1, do_sample=False, output_logits=True,
+        return_dict_in_generate=True,
+    )
+    first_logits = outputs.logits[0][0]
+    choice = int(first_logits[list(letter_ids)].argmax())
+    return choice, outputs.get("qtsplus")
+
+
+def evaluate_multiple_choice(
+    model, processor, rows: Sequence[dict], keep_ratio: float | None = None, fps: float | None = None,
+    max_frames: int | None = None,
+) -> EvalResult:
+    """Accuracy of `model` on normalised multiple-choice rows (`qtsplus_hf.data.normalize_row`), one at a time.
+
+    Rows without options are not multiple choice and are counted in `skipped`.
+    """
+    import evaluate
+
+    collator = VideoQACollator(processor, fps=fps, max_frames=max_frames, with_answers=False)
+    model.eval()
+    device = next(model.parameters()).device
+    predictions, skipped = [], 0
+    for row in rows:
+        if not row.get("options"):
+            skipped += 1
+            continue
+        start = time.perf_counter()
+        batch = {name: value.to(device) for name, value in collator([row]).items()}
+        loaded = time.perf_counter()
+        letter_ids = option_letter_token_ids(processor.tokenizer, len(row["options"]))
+        choice, selection = predict_option(model, batch, letter_ids, keep_ratio)
+        done = time.perf_counter()
+        total = int((batch["input_ids"] == model.config.video_token_id).sum())
+        kept = sum(selection.num_kept) if selection is not None else total
+        predictions.append({
+            "question": row["question"], "type": row.get("type"), "prediction": LETTERS[choice],
+            "answer": row["answer_letter"], "kept_tokens": kept, "total_tokens": total,
+            "kept_ratio": kept / max(total, 1), "latency_s": done - loaded, "load_s": loaded - start,
+        })
+    if not predictions:
+        raise ValueError("no multiple-choice rows to evaluate (rows need options and an answer)")
+
+    types = [p["type"] for p in predictions]
+    metric = evaluate.load(METRIC_PATH)
+    metrics = metric.compute(
+        predictions=[p["prediction"] for p in predictions], references=[p["answer"] for p in predictions],
+        question_types=types if any(t is not None for t in types) else None,
+        kept_ratios=[p["kept_ratio"] for p in predictions],
+    )
+    metrics["mean_latency_s"] = sum(p["latency_s"] for p in predictions) / len(predictions)
+    metrics["mean_load_s"] = sum(p["load_s"] for p in predictions) / len(predictions)
+    metrics["skipped"] = skipped
+    return EvalResult(metrics=metrics, predictions=predictions)
+
+
+__all__ = ["EvalResult", "evaluate_multiple_choice", "option_letter_token_ids", "predict_option"]

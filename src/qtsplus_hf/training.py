@@ -1,0 +1,268 @@
+# Copyright 2026 The qtsplus-hf authors. Licensed under the Apache License, Version 2.0.
+"""Fine-tuning QTSplus with `transformers.Trainer`: selector-only, PEFT LoRA, or full.
+
+The model's loss already holds the weighted auxiliary terms; `QTSplusTrainer` only adds their logging. Multi-GPU
+runs are the Trainer's own (`torchrun` / `accelerate launch` around `qtsplus train`); parameters that never get a
+gradient are frozen, so DDP needs no `find_unused_parameters`.
+"""
+
+import os
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .configuration_qtsplus import QTSplusConfig
+from .data import VideoQACollator, load_video_qa
+from .hub import save_checkpoint
+from .modeling_qtsplus_qwen2_5_vl import QTSplusQwen2_5_VLForConditionalGeneration
+from .processing_qtsplus import QTSplusProcessor
+
+
+MODES = ("selector", "lora", "full")
+# The language model's attention and MLP projections; anchored on `language_model` so the selector's own
+# q/k/v/o projections (trained in full through `modules_to_save`) are not matched.
+LORA_TARGET_MODULES = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+@dataclass
+class TrainOptions:
+    """Everything `qtsplus train` takes; `train(TrainOptions(...))` is the same run from Python."""
+
+    model: str
+    data: str
+    output: str
+    mode: str = "lora"
+    video_root: str | None = None
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    warmup_steps: float = 0.0  # an int: steps; a float in [0, 1): share of the steps
+    weight_decay: float = 0.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    fps: float | None = None
+    max_frames: int | None = None
+    logging_steps: int = 10
+    seed: int = 0
+    merge: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("epochs", "learning_rate", "batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.merge and self.mode != "lora":
+            raise ValueError("merge applies to mode 'lora' only (the other modes write a full checkpoint already)")
+
+
+def load_model_and_processor(path: str) -> tuple[QTSplusQwen2_5_VLForConditionalGeneration, QTSplusProcessor]:
+    """A QTSplus checkpoint, or a stock Qwen2.5-VL one converted on the fly (`from_qwen2_5_vl`), and its processor."""
+    from transformers import AutoConfig, AutoProcessor
+
+    if not os.path.isdir(path):
+        raise ValueError(f"model folder not found: {path}")
+    config = AutoConfig.from_pretrained(path)
+    if isinstance(config, QTSplusConfig):
+        model = QTSplusQwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    elif config.model_type == "qwen2_5_vl":
+        model = QTSplusQwen2_5_VLForConditionalGeneration.from_qwen2_5_vl(path)
+    else:
+        raise ValueError(f"{path} holds a {config.model_type!r} model, not QTSplus or Qwen2.5-VL")
+    processor = AutoProcessor.from_pretrained(path)
+    if not isinstance(processor, QTSplusProcessor):  # a stock Qwen2.5-VL processor: same parts, plus the mask
+        processor = QTSplusProcessor(
+            image_processor=processor.image_processor, video_processor=processor.video_processor,
+            tokenizer=processor.tokenizer, chat_template=processor.chat_template,
+        )
+    return model, processor
+
+
+def parameters_without_gradient(model: torch.nn.Module) -> list[str]:
+    """Names of selector parameters no loss reaches: the last scoring layer contributes only its attention
+    probabilities (`q_norm`, `kv_norm`, `q_proj`, `k_proj`), so its value/output projections and feed-forward
+    stay unused. They exist to hold the released checkpoints' weights."""
+    last = None
+    for name, _ in model.named_modules():
+        match = re.search(r"(.*scoring_layers)\.(\d+)$", name)
+        if match:
+            last = max(last or 0, int(match.group(2)))
+    if last is None:
+        return []
+    unused = re.compile(rf"scoring_layers\.{last}\.(v_proj|o_proj|ffn_norm|ffn)\.")
+    return [name for name, _ in model.named_parameters() if unused.search(name)]
+
+
+def prepare_model_for_mode(model, options: TrainOptions):
+    """Freeze and wrap the model for the training mode; returns the model to train (a `PeftModel` for lora)."""
+    if options.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+            target_modules=LORA_TARGET_MODULES, modules_to_save=["qtsplus"],
+        )
+        model = get_peft_model(model, lora)
+    else:
+        model.requires_grad_(options.mode == "full")
+        model.qtsplus.requires_grad_(True)
+    unused = set(parameters_without_gradient(model))
+    for name, parameter in model.named_parameters():
+        if name in unused:
+            parameter.requires_grad_(False)
+    return model
+
+
+class QTSplusTrainer(Trainer):
+    """`Trainer` that also logs the LM loss, each auxiliary loss, mean ρ and mean kept tokens per video."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._sums: dict[str, float] = defaultdict(float)
+        self._counts: dict[str, int] = defaultdict(int)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            self._record(outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record(self, outputs) -> None:
+        for name in ("lm_loss", "flops_loss", "kv_loss", "smooth_loss"):
+            value = getattr(outputs, name, None)
+            if value is not None:
+                self._sums[name] += float(value.detach())
+                self._counts[name] += 1
+        selection = getattr(outputs, "qtsplus", None)
+        if selection is not None:
+            self._sums["rho"] += float(selection.rho.detach().float().mean())
+            self._counts["rho"] += 1
+            self._sums["kept_tokens"] += sum(selection.num_kept) / len(selection.num_kept)
+            self._counts["kept_tokens"] += 1
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:  # a training log: add the means since the last one
+            for name, total in self._sums.items():
+                logs[name] = round(total / self._counts[name], 6)
+            self._sums.clear()
+            self._counts.clear()
+        super().log(logs, *args, **kwargs)
+
+
+def _checkpointing_arguments(enabled: bool) -> dict:
+    """Activation checkpointing without a reentrant pass; transformers 5.2x renamed `gradient_checkpointing*`."""
+    if not enabled:
+        return {}
+    names = {field.name for field in fields(TrainingArguments)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: True, f"{prefix}_kwargs": {"use_reentrant": False}}
+
+
+def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps,
+        learning_rate=options.learning_rate,
+        per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        warmup_steps=options.warmup_steps,
+        weight_decay=options.weight_decay,
+        **_checkpointing_arguments(options.gradient_checkpointing),
+        bf16=options.bf16,
+        # The Trainer accepts bf16 without a GPU only when told it runs on the CPU (CPU autocast).
+        use_cpu=options.bf16 and not torch.cuda.is_available(),
+        logging_steps=options.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=options.seed,
+        remove_unused_columns=False,  # rows go to the collator as they are: it decodes the videos
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def build_trainer(
+    model, processor: QTSplusProcessor, rows: Sequence[dict], options: TrainOptions, output_dir: str | None = None
+) -> QTSplusTrainer:
+    """The Trainer for normalised rows (see `qtsplus_hf.data.normalize_row`)."""
+    collator = VideoQACollator(processor, fps=options.fps, max_frames=options.max_frames)
+    arguments = training_arguments(options, output_dir or options.output)
+    return QTSplusTrainer(model=model, args=arguments, train_dataset=list(rows), data_collator=collator)
+
+
+def save_trained(model, processor: QTSplusProcessor, options: TrainOptions, directory: str) -> None:
+    """Write the result into `directory`: a full checkpoint (selector / full modes, or lora with `merge`) or a LoRA
+    adapter. With `merge`, the folder holds the merged checkpoint and `adapter/` the adapter it came from."""
+    if options.mode != "lora":
+        save_checkpoint(model, processor, directory)
+        return
+    adapter_dir = os.path.join(directory, "adapter") if options.merge else directory
+    model.save_pretrained(adapter_dir)
+    processor.save_pretrained(adapter_dir)
+    if options.merge:
+        save_checkpoint(model.merge_and_unload(), processor, directory)
+
+
+def _check_output_folder(path: str) -> None:
+    if os.path.isdir(path) and os.listdir(path):
+        raise ValueError(f"output folder {path} is not empty")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"output {path} exists and is not a folder")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ValueError(f"the folder that would hold {path} does not exist")
+
+
+@dataclass
+class TrainResult:
+    output: str
+    train_rows: int
+    skipped_rows: int
+    log_history: list[dict]  # the Trainer's, with lm_loss, flops_loss, kv_loss, smooth_loss, rho, kept_tokens
+
+
+def train(options: TrainOptions, rows: Sequence[dict] | None = None) -> TrainResult:
+    """Fine-tune `options.model` on `options.data` (or on `rows` given directly, e.g. frames in memory).
+
+    Everything is written into a staging folder next to `options.output` and moved into place at the end, so a
+    failed run leaves no half-written output.
+    """
+    _check_output_folder(options.output)
+    model, processor = load_model_and_processor(options.model)
+    data = load_video_qa(options.data if rows is None else rows, options.video_root)
+    torch.manual_seed(options.seed)
+    model = prepare_model_for_mode(model, options)
+    staging = tempfile.mkdtemp(prefix=".qtsplus-train-", dir=os.path.dirname(os.path.abspath(options.output)))
+    try:
+        trainer = build_trainer(model, processor, data.rows, options, output_dir=staging)
+        trainer.train()
+        save_trained(trainer.model, processor, options, staging)
+        if os.path.isdir(options.output):
+            os.rmdir(options.output)  # empty, checked above
+        os.replace(staging, options.output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return TrainResult(options.output, len(data.rows), len(data.skipped), trainer.state.log_history)
+
+
+def options_from_namespace(namespace) -> TrainOptions:
+    """`TrainOptions` from parsed command-line arguments of the same names."""
+    return TrainOptions(**{field.name: getattr(namespace, field.name) for field in fields(TrainOptions)
+                           if hasattr(namespace, field.name)})
+
+
+__all__ = [
+    "LORA_TARGET_MODULES", "MODES", "QTSplusTrainer", "TrainOptions", "TrainResult", "build_trainer",
+    "load_model_and_processor", "parameters_without_gradient", "prepare_model_for_mode", "save_trained", "train",
+]

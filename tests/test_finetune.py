@@ -1,0 +1,286 @@
+"""Fine-tuning through the Trainer (selector / lora / full), LoRA round trips, data loading and `qtsplus eval`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import write_mp4
+
+from qtsplus_hf.cli import main
+from qtsplus_hf.data import VideoQACollator, load_video_qa, normalize_row, question_text
+from qtsplus_hf.evaluation import evaluate_multiple_choice, option_letter_token_ids
+from qtsplus_hf.training import (
+    TrainOptions, build_trainer, load_model_and_processor, parameters_without_gradient, prepare_model_for_mode, train,
+)
+
+
+OPTIONS = ["red", "green", "blue", "yellow"]
+TYPES = ["needle", "order"]
+
+
+@pytest.fixture(scope="module")
+def qa_folder(tmp_path_factory, tiny_checkpoint):
+    """Eight short mp4 files and a multiple-choice JSONL file with relative paths and two question types."""
+    folder = tmp_path_factory.mktemp("qa")
+    rows = []
+    for index in range(8):
+        write_mp4(folder / f"clip{index}.mp4", num_frames=8, fps=2, seed=index)
+        rows.append({"video": f"clip{index}.mp4", "question": "What colour is the circle?", "options": OPTIONS,
+                     "answer": "ABCD"[index % 4], "type": TYPES[index % 2]})
+    with open(folder / "train.jsonl", "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return folder
+
+
+def options_for(qa_folder, tiny_checkpoint, tmp_path, **overrides) -> TrainOptions:
+    settings = dict(model=tiny_checkpoint, data=str(qa_folder / "train.jsonl"), video_root=str(qa_folder),
+                    output=str(tmp_path / "out"), max_steps=6, batch_size=2, learning_rate=1e-3, logging_steps=2)
+    settings.update(overrides)
+    return TrainOptions(**settings)
+
+
+def trained_in_memory(options: TrainOptions, tmp_path):
+    """Run the Trainer as `train` does, keeping the model in memory; returns (before, model, processor, rows)."""
+    model, processor = load_model_and_processor(options.model)
+    rows = load_video_qa(options.data, options.video_root).rows
+    torch.manual_seed(options.seed)
+    model = prepare_model_for_mode(model, options)
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    build_trainer(model, processor, rows, options, output_dir=str(tmp_path / "trainer")).train()
+    return before, model, processor, rows
+
+
+def changed_parameters(before: dict, model) -> set[str]:
+    return {name for name, parameter in model.named_parameters() if not torch.equal(before[name], parameter)}
+
+
+def test_full_training_lowers_the_loss_and_logs_every_term(qa_folder, tiny_checkpoint, tmp_path):
+    options = options_for(qa_folder, tiny_checkpoint, tmp_path, mode="full", max_steps=24, batch_size=4)
+    result = train(options)
+    logs = [entry for entry in result.log_history if "loss" in entry]
+    assert len(logs) == 12
+    for name in ("lm_loss", "flops_loss", "kv_loss", "smooth_loss", "rho", "kept_tokens"):
+        assert all(name in entry for entry in logs), name
+    first, last = sum(e["loss"] for e in logs[:2]) / 2, sum(e["loss"] for e in logs[-2:]) / 2
+    assert last < first - 1.0, (first, last)  # from ~ln(vocabulary size)
+    assert all(0.05 <= entry["rho"] <= 0.5 for entry in logs)  # the paper's ρ range
+    assert os.path.isfile(os.path.join(options.output, "model.safetensors"))
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".qtsplus-train-")]  # staging removed
+
+
+def test_frozen_parameters_are_exactly_those_without_gradient(tiny_checkpoint, qa_folder):
+    model, processor = load_model_and_processor(tiny_checkpoint)
+    with torch.no_grad():  # a trained re-encoder: its zero-initialised residual outputs would block gradients
+        for parameter in model.qtsplus.parameters():
+            if not parameter.any():
+                parameter.normal_(std=0.02)
+    model.train()
+    rows = load_video_qa(str(qa_folder / "train.jsonl"), str(qa_folder)).rows[:2]
+    outputs = model(**VideoQACollator(processor)(rows))
+    outputs.loss.backward()
+    selector_without_gradient = {
+        name for name, parameter in model.named_parameters() if name.startswith("qtsplus.") and parameter.grad is None
+    }
+    assert all(p.grad.any() for n, p in model.qtsplus.named_parameters() if f"qtsplus.{n}" not in selector_without_gradient)
+    assert selector_without_gradient == set(parameters_without_gradient(model))
+    assert selector_without_gradient  # the last scoring layer's value/output projections and feed-forward
+
+
+def test_selector_mode_changes_only_the_selector(qa_folder, tiny_checkpoint, tmp_path):
+    options = options_for(qa_folder, tiny_checkpoint, tmp_path, mode="selector")
+    before, model, _, _ = trained_in_memory(options, tmp_path)
+    changed = changed_parameters(before, model)
+    assert changed and all(name.startswith("qtsplus.") for name in changed)
+    for part in ("scoring_layers.0.q_proj", "budget.mlp.0", "reencode_layers.0.core.o_proj", "time_embedding"):
+        assert any(part in name for name in changed), part
+
+
+def test_lora_mode_changes_only_lora_and_selector_and_round_trips(qa_folder, tiny_checkpoint, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    options = options_for(qa_folder, tiny_checkpoint, tmp_path, mode="lora", lora_r=4, lora_alpha=8)
+    before, model, processor, rows = trained_in_memory(options, tmp_path)
+    changed = changed_parameters(before, model)
+    assert all("lora_" in name or ".qtsplus.modules_to_save." in name for name in changed)
+    assert any("language_model" in name and "lora_B" in name for name in changed)
+    assert any(".qtsplus.modules_to_save.default.budget." in name for name in changed)
+    assert not any("scoring_layers" in name and "lora_" in name for name in model.state_dict())
+
+    batch = VideoQACollator(processor)(rows[:2])
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    reloaded = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_checkpoint, trust_remote_code=True), adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(**batch).logits, expected, rtol=0, atol=0)
+
+    # The merged checkpoint loads with trust_remote_code in a fresh process where peft cannot be imported.
+    from qtsplus_hf import save_checkpoint
+
+    merged = tmp_path / "merged"
+    save_checkpoint(model.merge_and_unload(), processor, merged)
+    torch.save(dict(batch), tmp_path / "batch.pt")
+    script = (
+        "import sys, torch\n"
+        "sys.modules['peft'] = None\n"  # `import peft` now raises ImportError
+        "from transformers import AutoModel\n"
+        f"model = AutoModel.from_pretrained({str(merged)!r}, trust_remote_code=True).eval()\n"
+        "assert 'qtsplus_hf' not in sys.modules\n"
+        f"batch = torch.load({str(tmp_path / 'batch.pt')!r})\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(model(**batch).logits, {str(tmp_path / 'merged_logits.pt')!r})\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path, capture_output=True)
+    torch.testing.assert_close(torch.load(tmp_path / "merged_logits.pt"), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_train_lora_with_merge_and_gradient_checkpointing(qa_folder, tiny_checkpoint, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    output = tmp_path / "run"
+    code = main(["train", "--model", tiny_checkpoint, "--data", str(qa_folder / "train.jsonl"), "--video-root",
+                 str(qa_folder), "--output", str(output), "--mode", "lora", "--max-steps", "2", "--batch-size", "2",
+                 "--gradient-checkpointing", "--merge", "--lora-r", "4"])
+    assert code == 0
+    assert "trained on 8 rows (0 skipped), mode lora" in capsys.readouterr().out
+    assert os.path.isfile(output / "adapter" / "adapter_model.safetensors")
+    merged = AutoModel.from_pretrained(output, trust_remote_code=True)
+    with_adapter = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_checkpoint, trust_remote_code=True),
+                                             output / "adapter").merge_and_unload()
+    for name, tensor in with_adapter.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_bf16_training_runs_on_this_device(qa_folder, tiny_checkpoint, tmp_path):
+    result = train(options_for(qa_folder, tiny_checkpoint, tmp_path, mode="lora", bf16=True, max_steps=2))
+    losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_eval_accuracy_matches_a_hand_count(qa_folder, tiny_checkpoint, tmp_path):
+    model, processor = load_model_and_processor(tiny_checkpoint)
+    rows = load_video_qa(str(qa_folder / "train.jsonl"), str(qa_folder)).rows
+    result = evaluate_multiple_choice(model, processor, rows, keep_ratio=0.5)
+
+    letter_ids = option_letter_token_ids(processor.tokenizer, len(OPTIONS))
+    collator = VideoQACollator(processor, with_answers=False)
+    hand = {"all": [], **{kind: [] for kind in TYPES}}
+    for row in rows:
+        with torch.no_grad():
+            logits = model.eval()(**collator([row]), qtsplus_keep_ratio=0.5).logits[0, -1]
+        correct = "ABCD"[int(logits[letter_ids].argmax())] == row["answer"]
+        hand["all"].append(correct)
+        hand[row["type"]].append(correct)
+    assert 0.0 <= result.metrics["accuracy"] <= 1.0
+    assert result.metrics["accuracy"] == sum(hand["all"]) / len(rows)
+    for kind in TYPES:
+        assert result.metrics[f"accuracy/{kind}"] == sum(hand[kind]) / len(hand[kind])
+        assert result.metrics[f"count/{kind}"] == 4
+    assert 0.4 < result.metrics["mean_kept_ratio"] <= 0.6  # ceil(0.5 · M) of M tokens per video
+
+
+def test_cli_eval_writes_a_table_and_json(qa_folder, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--model", tiny_checkpoint, "--data", str(qa_folder / "train.jsonl"), "--video-root",
+                 str(qa_folder), "--limit", "3", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["metrics"]["count"] == 3 and len(report["predictions"]) == 3
+    assert "accuracy" in printed and "mean_latency_s" in printed
+    hand = sum(p["prediction"] == p["answer"] for p in report["predictions"]) / 3
+    assert report["metrics"]["accuracy"] == hand
+
+
+def test_bad_rows_are_reported_and_skipped(qa_folder, tiny_checkpoint, tmp_path, capsys):
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all" * 100)
+    good = {"video": "clip0.mp4", "question": "What colour is the circle?", "options": OPTIONS, "answer": "A"}
+    rows = [
+        good,
+        {**good, "question": ""},                              # no question
+        {**good, "answer": "purple"},                          # the answer is not among the options
+        {**good, "video": str(tmp_path / "broken.mp4")},       # unreadable video
+        {**good, "video": "missing.mp4"},                      # no such file
+        {**good, "answer": "B"},
+    ]
+    data_file = tmp_path / "data.jsonl"
+    data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = load_video_qa(str(data_file), str(qa_folder))
+    assert len(data.rows) == 2 and [s.index for s in data.skipped] == [1, 2, 3, 4]
+    reasons = [s.reason for s in data.skipped]
+    assert reasons[0] == "no question" and "not one of the options" in reasons[1]
+    assert reasons[2].startswith("unreadable video") and reasons[3] == "video file not found"
+    assert data.skipped_summary().startswith("skipped 4 of 6 rows: row 1")
+
+    code = main(["train", "--model", tiny_checkpoint, "--data", str(data_file), "--video-root", str(qa_folder),
+                 "--output", str(tmp_path / "out"), "--mode", "selector", "--max-steps", "1"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "trained on 2 rows (4 skipped)" in captured.out
+    assert "skipped 4 of 6 rows" in captured.err
+
+
+def test_data_without_usable_rows_fails_in_one_line(tmp_path, tiny_checkpoint, capsys):
+    data_file = tmp_path / "data.jsonl"
+    data_file.write_text(json.dumps({"video": "nowhere.mp4", "question": "q?", "answer": "a"}) + "\n")
+    output = tmp_path / "out"
+    code = main(["train", "--model", tiny_checkpoint, "--data", str(data_file), "--output", str(output)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no usable rows" in err and "Traceback" not in err
+    assert not output.exists()
+    assert main(["eval", "--model", tiny_checkpoint, "--data", str(tmp_path / "none.jsonl")]) == 2
+    assert "data file not found" in capsys.readouterr().err
+
+
+def test_qtsplus_dataset_style_rows_and_other_layouts_normalise(tmp_path):
+    options = {"A": "red", "B": "green", "C": "blue", "D": "yellow"}
+    styles = [
+        {"vision_id": "v.mp4", "question": "Colour?", "options": options, "answer": "C", "question_type": "needle"},
+        {"video": "v.mp4", "question": "Colour?", "A": "red", "B": "green", "C": "blue", "D": "yellow", "answer": "C"},
+        {"video": "v.mp4", "question": "Colour?", "options": ["A. red", "B. green", "C. blue", "D. yellow"],
+         "answer": "(C)"},
+        {"video": "v.mp4", "question": "Colour?", "options": json.dumps(list(options.values())), "answer": 2},
+        {"video": "v.mp4", "question": "Colour?", "options": list(options.values()), "answer": "Blue"},
+    ]
+    for row in styles:
+        normalised = normalize_row(row, video_root="/videos")
+        assert normalised["options"] == ["red", "green", "blue", "yellow"], row
+        assert normalised["answer"] == normalised["answer_letter"] == "C", row
+        assert normalised["video"] == "/videos/v.mp4"
+    assert normalize_row(styles[0])["type"] == "needle"
+    assert question_text(normalize_row(styles[0])).splitlines()[1:3] == ["A. red", "B. green"]
+    free_form = normalize_row({"video": "v.mp4", "question": "What happens?", "answer": "a circle moves"})
+    assert free_form["options"] is None and free_form["answer"] == "a circle moves"
+
+
+def test_csv_and_saved_datasets_load_the_same_rows(qa_folder, tmp_path):
+    import datasets
+
+    jsonl = load_video_qa(str(qa_folder / "train.jsonl"), str(qa_folder)).rows
+    raw = datasets.load_dataset("json", data_files=str(qa_folder / "train.jsonl"), split="train")
+    raw.save_to_disk(str(tmp_path / "saved"))
+    saved = load_video_qa(str(tmp_path / "saved"), str(qa_folder)).rows
+    raw.map(lambda row: {"options": json.dumps(row["options"])}).to_csv(str(tmp_path / "train.csv"))
+    csv = load_video_qa(str(tmp_path / "train.csv"), str(qa_folder)).rows
+    assert saved == jsonl and csv == jsonl
+
+
+def test_labels_cover_only_the_answer_and_the_query_mask_only_the_question(qa_folder, tiny_checkpoint):
+    _, processor = load_model_and_processor(tiny_checkpoint)
+    rows = load_video_qa(str(qa_folder / "train.jsonl"), str(qa_folder)).rows[:2]
+    batch = VideoQACollator(processor)(rows)
+    tokenizer = processor.tokenizer
+    for index, row in enumerate(rows):
+        ids = batch["input_ids"][index]
+        assert tokenizer.decode(ids[batch["labels"][index] != -100]) == row["answer"] + "<|im_end|>"
+        assert tokenizer.decode(ids[batch["qtsplus_query_mask"][index]]) == question_text(row)
+    assert batch["attention_mask"][:, 0].all()  # right padding for training
