@@ -356,7 +356,7 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, lossless:
     os.close(handle)
     try:
         with av.open(temporary, "w", format="mp4") as container:
-            options = {"preset": "medium", "qp": "0"} if lossless else {"preset": "medium", "crf": "18"}
+            options = {"preset": "veryfast", "qp": "0"} if lossless else {"preset": "medium", "crf": "18"}
             stream = container.add_stream("libx264", rate=int(fps) if float(fps).is_integer() else fps,
                                           options=options)
             stream.width, stream.height = frames.shape[2], frames.shape[1]
