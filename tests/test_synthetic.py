@@ -95,20 +95,24 @@ def test_sample_layout(samples):
         assert per_second.min() >= 1 and per_second.max() <= 2
 
 
-def test_recorded_objects_explain_every_pixel(samples):
+@pytest.mark.parametrize("options", [{}, dict(seconds=16, frame_size=32, fps=4, max_objects=3, noise=8.0)])
+def test_recorded_objects_explain_every_pixel(options):
     """Each recorded object is drawn in its colour on every frame of its second, and nothing else is drawn: all
     other pixels are the background plus light noise. So the absence checks below, made on the ground truth, hold
     for the pixels too."""
-    for sample in samples[:12]:
+    limit = 6 * options.get("noise", 4.0)  # six standard deviations of the pixel noise
+    for sample in iter_samples(range(8), **options):
+        fps = int(sample.fps)
+        assert len(sample.frames) == fps * options.get("seconds", 32)
         for index, frame in enumerate(sample.frames):
             drawn = np.zeros(frame.shape[:2], dtype=bool)
-            for item in (item for item in sample.objects if item.second == index // 2):
+            for item in (item for item in sample.objects if item.second == index // fps):
                 pixels = object_pixels(frame, item)
                 assert {nearest_colour(pixel) for pixel in pixels} == {item.colour}
-                assert np.abs(pixels.astype(int) - item.rgb).max() <= 30
+                assert np.abs(pixels.astype(int) - item.rgb).max() <= limit
                 box = drawn[item.top : item.top + item.size, item.left : item.left + item.size]
                 box |= shape_mask(item.shape, item.size)
-            assert np.abs(frame[~drawn].astype(int) - sample.background).max() <= 30
+            assert np.abs(frame[~drawn].astype(int) - sample.background).max() <= limit
 
 
 def test_shapes_are_distinct_masks():
@@ -267,7 +271,7 @@ def test_tokenizer_covers_the_task_vocabulary(samples):
         (dict(seed=0, frame_size=16), "frame_size must be an integer >= 32"),
         (dict(seed=0, fps=3), "fps must be a positive even integer"),
         (dict(seed=0, noise=-1.0), "noise must be a standard deviation"),
-        (dict(seed=0, max_distractors=3), "max_distractors must be 1 or 2"),
+        (dict(seed=0, max_objects=4), "max_objects must be 1, 2 or 3"),
     ],
 )
 def test_bad_generator_arguments(kwargs, message):

@@ -213,32 +213,37 @@ def _plan(task: str, rng: np.random.Generator, seconds: int) -> _Plan:
 
 
 def _place(rng: np.random.Generator, sizes: Sequence[int], frame_size: int) -> list[tuple[int, int]]:
-    """Top-left corners for boxes of the given sides, at least 2 px apart (rejection sampling)."""
-    corners: list[tuple[int, int, int]] = []
-    for size in sizes:
-        for _ in range(1000):
-            top, left = (int(v) for v in rng.integers(0, frame_size - size + 1, size=2))
-            if all(top + size + 2 <= t or t + s + 2 <= top or left + size + 2 <= l or l + s + 2 <= left
-                   for t, l, s in corners):
-                corners.append((top, left, size))
+    """Top-left corners for boxes of the given sides, at least 2 px apart: rejection sampling, restarting the whole
+    layout when early boxes leave no room for a later one."""
+    for _layout in range(100):
+        corners: list[tuple[int, int, int]] = []
+        for size in sizes:
+            for _attempt in range(50):
+                top, left = (int(v) for v in rng.integers(0, frame_size - size + 1, size=2))
+                if all(top + size + 2 <= t or t + s + 2 <= top or left + size + 2 <= l or l + s + 2 <= left
+                       for t, l, s in corners):
+                    corners.append((top, left, size))
+                    break
+            else:
                 break
-        else:  # unreachable with <= 3 boxes of side <= 0.3 * frame_size; kept as a clear failure, not a hang
-            raise RuntimeError("could not place the objects without overlap")
-    return [(top, left) for top, left, _ in corners]
+        if len(corners) == len(sizes):
+            return [(top, left) for top, left, _ in corners]
+    # not reached for <= 3 boxes of side <= 0.3 * frame_size (checked over thousands of seeds); a clear failure
+    raise RuntimeError("could not place the objects without overlap")
 
 
 def _scene_objects(
     rng: np.random.Generator, evidence: dict[int, list[tuple[str, str]]], avoid: set, seconds: int,
-    frame_size: int, max_distractors: int,
+    frame_size: int, max_objects: int,
 ) -> list[SceneObject]:
     """Every object of every second: the evidence, plus distractors (shapes not in `avoid`) so that each second
-    holds 1 to `max_distractors` objects whether or not it is evidence."""
+    holds 1 to `max_objects` objects whether or not it is evidence."""
     distractor_shapes = [shape for shape in SHAPES if shape not in avoid]
     low, high = round(0.22 * frame_size), round(0.3 * frame_size)
     objects = []
     for second in range(seconds):
         own = evidence.get(second, [])
-        count = int(rng.integers(max(1 - len(own), 0), max_distractors - len(own) + 1))
+        count = int(rng.integers(max(1 - len(own), 0), max_objects - len(own) + 1))
         drawn = [(shape, colour, True) for shape, colour in own]
         drawn += [(_choice(rng, distractor_shapes), _choice(rng, list(COLOURS)), False) for _ in range(count)]
         sizes = [int(rng.integers(low, high + 1)) for _ in drawn]
@@ -270,7 +275,7 @@ def _render(
 
 def _check_options(
     task: str | None, seconds: int = 32, frame_size: int = 64, fps: int = DEFAULT_FPS, noise: float = 4.0,
-    max_distractors: int = 2,
+    max_objects: int = 2,
 ) -> None:
     if task is not None and task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
@@ -282,13 +287,13 @@ def _check_options(
         raise ValueError(f"fps must be a positive even integer (whole temporal patches of 2 frames), got {fps!r}")
     if not 0 <= noise <= 50:
         raise ValueError(f"noise must be a standard deviation in [0, 50], got {noise!r}")
-    if not isinstance(max_distractors, int) or not 1 <= max_distractors <= 2:
-        raise ValueError(f"max_distractors must be 1 or 2, got {max_distractors!r}")
+    if not isinstance(max_objects, int) or not 1 <= max_objects <= 3:
+        raise ValueError(f"max_objects must be 1, 2 or 3, got {max_objects!r}")
 
 
 def generate_sample(
     seed: int, task: str | None = None, *, seconds: int = 32, frame_size: int = 64, fps: int = DEFAULT_FPS,
-    noise: float = 4.0, max_distractors: int = 2,
+    noise: float = 4.0, max_objects: int = 2,
 ) -> SyntheticSample:
     """One video and question, a pure function of its arguments.
 
@@ -301,19 +306,19 @@ def generate_sample(
             models) so the processor does not resize. Objects are 22-30% of it.
         fps: frames per second, an even integer, so each second is whole temporal patches of 2 frames.
         noise: standard deviation of the per-frame Gaussian pixel noise (0: plain background).
-        max_distractors: the most objects in one second (1 or 2).
+        max_objects: the most objects in one second (1 to 3); each second holds at least one.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
     task = TASKS[seed % len(TASKS)] if task is None else task
-    _check_options(task, seconds, frame_size, fps, noise, max_distractors)
+    _check_options(task, seconds, frame_size, fps, noise, max_objects)
     # The task is part of the seed so that the same seed gives unrelated videos for different tasks.
     rng = np.random.default_rng([seed, TASKS.index(task)])
     plan = _plan(task, rng, seconds)
     options, answer = _options(rng, plan.correct, plan.wrong, plan.required)
     background = tuple(int(v) for v in rng.integers(20, 56) + rng.integers(-6, 7, size=3))
-    objects = _scene_objects(rng, plan.evidence, plan.avoid, seconds, frame_size, max_distractors)
+    objects = _scene_objects(rng, plan.evidence, plan.avoid, seconds, frame_size, max_objects)
     frames = _render(rng, objects, background, seconds, fps, frame_size, noise)
     evidence_frames = [second * fps + offset for second in sorted(plan.evidence) for offset in range(fps)]
     return SyntheticSample(
