@@ -129,8 +129,9 @@ def video_prompt_batch(
     return batch
 
 
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer trained here on a few sentences (deterministic, offline) with Qwen's specials."""
+def byte_level_tokenizer(corpus: Sequence[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained here on `corpus` (deterministic, offline) with Qwen's special tokens and
+    the chat template of this module; every byte is in its alphabet, so any text encodes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -138,10 +139,10 @@ def tiny_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - 20, special_tokens=list(SPECIAL_TOKENS),
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    backend.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    backend.train_from_iterator(corpus, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left"
     )
@@ -149,8 +150,14 @@ def tiny_tokenizer():
     return tokenizer
 
 
-def tiny_processor(min_pixels: int = 16 * 16, max_pixels: int = 32 * 32, fps: float = 2.0):
-    """A `QTSplusProcessor` for the tiny config: patch 4, merge 2 (pixel factor 8), small frames."""
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained on a few sentences, with Qwen's specials (fits `VOCAB_SIZE`)."""
+    return byte_level_tokenizer([CORPUS] * 4, VOCAB_SIZE - 20)
+
+
+def tiny_processor(min_pixels: int = 16 * 16, max_pixels: int = 32 * 32, fps: float = 2.0, tokenizer=None):
+    """A `QTSplusProcessor` for the tiny config: patch 4, merge 2 (pixel factor 8), small frames; `tokenizer`
+    defaults to `tiny_tokenizer()`."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     from .processing_qtsplus import QTSplusProcessor
@@ -162,6 +169,6 @@ def tiny_processor(min_pixels: int = 16 * 16, max_pixels: int = 32 * 32, fps: fl
     return QTSplusProcessor(
         image_processor=Qwen2VLImageProcessor(**vision),
         video_processor=Qwen2VLVideoProcessor(**vision, fps=fps, min_frames=2, max_frames=768),
-        tokenizer=tiny_tokenizer(),
+        tokenizer=tokenizer if tokenizer is not None else tiny_tokenizer(),
         chat_template=CHAT_TEMPLATE,
     )

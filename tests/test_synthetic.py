@@ -1,0 +1,294 @@
+"""The synthetic long-video QA generator: determinism, ground truth in the pixels, mp4 round trip, manifest."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from qtsplus_hf.synthetic import (
+    COLOURS,
+    LETTERS,
+    SHAPES,
+    TASKS,
+    generate_sample,
+    iter_samples,
+    letter_token_ids,
+    nearest_colour,
+    shape_mask,
+    synthetic_tokenizer,
+    task_vocabulary,
+    write_mp4,
+    write_synthetic_dataset,
+)
+from qtsplus_hf.video_qtsplus import load_video
+
+
+QUESTION_PATTERNS = {
+    "needle": r"What colour is the (\w+)\?",
+    "order": r"Which appears first, the (\w+) or the (\w+)\?",
+    "localisation": r"At which second does the (\w+) appear\?",
+    "counting": r"How many times does the (\w+) appear\?",
+}
+
+
+@pytest.fixture(scope="module")
+def samples():
+    """Ten samples of each task (seeds 0..39 cycle through the tasks)."""
+    return list(iter_samples(range(40)))
+
+
+def asked_shapes(sample) -> tuple[str, ...]:
+    match = re.fullmatch(QUESTION_PATTERNS[sample.task], sample.question)
+    assert match, sample.question
+    assert all(shape in SHAPES for shape in match.groups())
+    return match.groups()
+
+
+def seconds_showing(sample, shape: str) -> list[int]:
+    return sorted({item.second for item in sample.objects if item.shape == shape})
+
+
+def frames_of(sample, seconds) -> list[int]:
+    fps = int(sample.fps)
+    return [second * fps + offset for second in sorted(seconds) for offset in range(fps)]
+
+
+def object_pixels(frame: np.ndarray, item, erode: int = 0) -> np.ndarray:
+    """The pixels of a recorded object in a frame, `[N, 3]`; `erode` drops pixels near the shape's edge."""
+    mask = shape_mask(item.shape, item.size)
+    for _ in range(erode):  # 4-neighbour erosion, so compression ringing at the edges is left out
+        mask = mask & np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1)
+    return frame[item.top : item.top + item.size, item.left : item.left + item.size][mask]
+
+
+def test_same_seed_same_sample_other_seed_other_sample():
+    for seed in range(4):
+        first, again = generate_sample(seed), generate_sample(seed)
+        assert np.array_equal(first.frames, again.frames)
+        assert (first.task, first.question, first.options, first.answer, first.evidence_frames, first.objects) == (
+            again.task, again.question, again.options, again.answer, again.evidence_frames, again.objects
+        )
+        other = generate_sample(seed + len(TASKS))  # same task, next seed
+        assert other.task == first.task
+        assert not np.array_equal(first.frames, other.frames)
+        assert first.objects != other.objects
+    questions = {generate_sample(seed).question for seed in range(0, 80, len(TASKS))}  # 20 needle samples
+    assert len(questions) > 1
+    # An explicit task gives that task; the same seed under two tasks gives unrelated videos.
+    assert generate_sample(0, "counting").task == "counting"
+    assert not np.array_equal(generate_sample(0, "needle").frames, generate_sample(0, "order").frames)
+
+
+def test_sample_layout(samples):
+    assert [sample.task for sample in samples[:8]] == list(TASKS) * 2
+    for sample in samples:
+        assert sample.frames.shape == (64, 64, 64, 3) and sample.frames.dtype == np.uint8
+        assert sample.fps == 2.0
+        assert len(sample.options) == len(set(sample.options)) == 4
+        assert sample.answer in LETTERS and sample.answer_text == sample.options[LETTERS.index(sample.answer)]
+        # Evidence fills whole temporal patches (frames 2s and 2s + 1), so 2-frame patching keeps it.
+        pairs = np.array(sample.evidence_frames).reshape(-1, 2)
+        assert (pairs[:, 0] % 2 == 0).all() and (pairs[:, 1] == pairs[:, 0] + 1).all()
+        per_second = np.bincount([item.second for item in sample.objects], minlength=32)
+        assert per_second.min() >= 1 and per_second.max() <= 2
+
+
+@pytest.mark.parametrize("options", [{}, dict(seconds=16, frame_size=32, fps=4, max_objects=3, noise=8.0)])
+def test_recorded_objects_explain_every_pixel(options):
+    """Each recorded object is drawn in its colour on every frame of its second, and nothing else is drawn: all
+    other pixels are the background plus light noise. So the absence checks below, made on the ground truth, hold
+    for the pixels too."""
+    limit = 6 * options.get("noise", 4.0)  # six standard deviations of the pixel noise
+    for sample in iter_samples(range(8), **options):
+        fps = int(sample.fps)
+        assert len(sample.frames) == fps * options.get("seconds", 32)
+        for index, frame in enumerate(sample.frames):
+            drawn = np.zeros(frame.shape[:2], dtype=bool)
+            for item in (item for item in sample.objects if item.second == index // fps):
+                pixels = object_pixels(frame, item)
+                assert {nearest_colour(pixel) for pixel in pixels} == {item.colour}
+                assert np.abs(pixels.astype(int) - item.rgb).max() <= limit
+                box = drawn[item.top : item.top + item.size, item.left : item.left + item.size]
+                box |= shape_mask(item.shape, item.size)
+            assert np.abs(frame[~drawn].astype(int) - sample.background).max() <= limit
+
+
+def test_shapes_are_distinct_masks():
+    masks = {shape: shape_mask(shape, 16) for shape in SHAPES}
+    for a in SHAPES:
+        assert masks[a].sum() > 60
+        for b in SHAPES:
+            if a != b:
+                assert (masks[a] ^ masks[b]).sum() >= 20, (a, b)
+    with pytest.raises(ValueError, match="unknown shape"):
+        shape_mask("hexagon", 16)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_evidence_frames_hold_the_answer(samples, task):
+    for sample in (sample for sample in samples if sample.task == task):
+        shapes = asked_shapes(sample)
+        evidence_seconds = sorted({second for shape in shapes for second in seconds_showing(sample, shape)})
+        assert sample.evidence_frames == frames_of(sample, evidence_seconds)
+        assert all(item.evidence == (item.shape in shapes) for item in sample.objects)
+        answer = sample.answer_text
+        if task == "needle":
+            (shape,) = shapes
+            (needle,) = [item for item in sample.objects if item.shape == shape]  # one object, one second
+            assert needle.colour == answer
+            for index in sample.evidence_frames:
+                assert {nearest_colour(pixel) for pixel in object_pixels(sample.frames[index], needle)} == {answer}
+            assert sorted(sample.options) == sorted(set(sample.options) & set(COLOURS))
+        elif task == "order":
+            (first,), (second,) = (seconds_showing(sample, shape) for shape in shapes)
+            assert first != second
+            assert answer == shapes[0 if first < second else 1]
+            assert set(shapes) <= set(sample.options)
+        elif task == "localisation":
+            (shape,) = shapes
+            assert seconds_showing(sample, shape) == [int(answer)]
+            # frame i is shown at i / fps seconds: the answer is the whole second the object comes in
+            assert int(sample.evidence_frames[0] / sample.fps) == int(answer)
+            values = sorted(int(option) for option in sample.options)
+            assert min(np.diff(values)) >= 3
+        else:
+            (shape,) = shapes
+            seconds = seconds_showing(sample, shape)
+            assert len(seconds) == int(answer)
+            assert len(seconds) == 1 or min(np.diff(seconds)) >= 2  # separate appearances, never adjacent
+            assert all(option in {"1", "2", "3", "4", "5"} for option in sample.options)
+
+
+def test_answers_are_balanced():
+    samples = list(iter_samples(range(200), noise=0))
+    letters = np.bincount([LETTERS.index(sample.answer) for sample in samples], minlength=4)
+    assert letters.min() >= 30, letters  # ~50 each: the letter carries no information
+    first_named = [asked_shapes(s)[0] == s.answer_text for s in samples if s.task == "order"]
+    assert 10 <= sum(first_named) <= 40  # the first-named shape is the answer about half the time
+
+
+def test_uniform_temporal_sampling_misses_the_needle():
+    """Keeping 10% of the temporal patches, evenly spaced, sees the needle only when its (uniformly drawn) second is
+    one of them: probability 4/32 = 0.125 by construction. Measured over 200 needles."""
+    seconds, kept = 32, 4
+    grid = set(np.linspace(0, seconds - 1, kept).round().astype(int).tolist())
+    hits = 0
+    for seed in range(200):
+        sample = generate_sample(seed, "needle", seconds=seconds, noise=0)
+        hits += bool({index // 2 for index in sample.evidence_frames} & grid)
+    # 0.125 +- 3 binomial standard deviations (0.023); the lower bound shows needles are not hidden from the grid
+    assert 0.055 <= hits / 200 <= 0.2, hits
+
+
+def test_timestamps_reach_the_model_inputs():
+    """Through the project's processor path: one temporal patch per second, second_per_grid_ts = 1, and the
+    localisation answer is the temporal index of the evidence patch."""
+    from qtsplus_hf.pipeline_video_text_to_text import video_question_inputs
+    from qtsplus_hf.tiny import tiny_processor
+
+    processor = tiny_processor(max_pixels=64 * 64, tokenizer=synthetic_tokenizer())
+    sample = generate_sample(2)
+    assert sample.task == "localisation"
+    inputs, frames, metadata = video_question_inputs(processor, sample.frames, sample.prompt)
+    assert inputs["video_grid_thw"].tolist() == [[32, 16, 16]]
+    assert [float(s) for s in inputs["second_per_grid_ts"]] == [1.0]
+    assert np.array_equal(frames, sample.frames)  # 64x64 is a multiple of the pixel factor 8: no resize
+    assert metadata.timestamps[sample.evidence_frames[0]] == int(sample.answer_text)
+    question = processor.tokenizer.decode(inputs["input_ids"][0][inputs["qtsplus_query_mask"][0]])
+    assert question == sample.prompt
+
+
+@pytest.mark.parametrize("lossless", [True, False])
+def test_mp4_round_trip_keeps_the_evidence_colour(tmp_path, lossless):
+    sample = generate_sample(4)  # needle
+    path = write_mp4(tmp_path / "needle.mp4", sample.frames, sample.fps, lossless=lossless)
+    frames, metadata = load_video(path, fps=sample.fps, factor=8, min_pixels=16 * 16, max_pixels=64 * 64)
+    assert frames.shape == sample.frames.shape and metadata.sampled_fps == sample.fps
+    error = np.abs(frames.astype(int) - sample.frames.astype(int)).mean()
+    assert error <= (1.0 if lossless else 6.0), error
+    for item in sample.objects:  # every object, the needle included, still reads as its colour
+        for index in (2 * item.second, 2 * item.second + 1):
+            pixels = object_pixels(frames[index], item, erode=0 if lossless else 1)
+            colours = [nearest_colour(pixel) for pixel in pixels]
+            assert colours.count(item.colour) >= (len(colours) if lossless else 0.95 * len(colours))
+            assert nearest_colour(np.median(pixels, axis=0)) == item.colour
+    assert [os.listdir(tmp_path)] == [["needle.mp4"]]
+
+
+def test_manifest_loads_with_datasets(tmp_path):
+    import datasets
+
+    manifest = write_synthetic_dataset(tmp_path / "data", range(100, 106))
+    rows = datasets.load_dataset("json", data_files=manifest, split="train", cache_dir=str(tmp_path / "cache"))
+    assert len(rows) == 6
+    assert set(rows.column_names) == {"video", "question", "options", "answer", "type", "evidence_frames", "fps",
+                                      "seed"}
+    for row in rows:
+        sample = generate_sample(row["seed"])
+        assert row == sample.manifest_row(row["video"])
+        assert row["video"] == f"videos/{sample.task}_{sample.seed:06d}.mp4"
+        path = os.path.join(os.path.dirname(manifest), row["video"])
+        frames, _ = load_video(path, fps=row["fps"], factor=8, min_pixels=16 * 16, max_pixels=64 * 64)
+        assert np.abs(frames.astype(int) - sample.frames.astype(int)).mean() <= 1.0
+    with open(manifest) as handle:
+        assert [json.loads(line)["seed"] for line in handle] == list(range(100, 106))
+    assert sorted(os.listdir(tmp_path / "data")) == ["manifest.jsonl", "videos"]  # no temporary files left
+
+
+def test_tokenizer_covers_the_task_vocabulary(samples):
+    tokenizer = synthetic_tokenizer()
+    ids = letter_token_ids(tokenizer)
+    assert len(set(ids)) == 4
+    vocabulary = set(task_vocabulary())
+    for sample in samples:
+        for text in [sample.question, *sample.options]:
+            assert set(re.findall(r"[A-Za-z]+|\d+|[^\sA-Za-z\d]", text)) <= vocabulary
+        messages = [
+            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": sample.prompt}]},
+            {"role": "assistant", "content": sample.answer},
+        ]
+        encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        # the reply is one letter token, then <|im_end|>
+        assert encoded[-3:-1] == [ids[LETTERS.index(sample.answer)], tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        # task words are whole tokens: about one token per word, number or punctuation mark
+        words = re.findall(r"[A-Za-z]+|\d+|[^\sA-Za-z\d]", sample.prompt)
+        assert len(tokenizer.encode(sample.prompt)) == len(words) + sample.prompt.count("\n")
+        assert tokenizer.decode(tokenizer.encode(sample.prompt)) == sample.prompt
+    assert len(tokenizer) <= 512
+    assert synthetic_tokenizer().get_vocab() == tokenizer.get_vocab()  # deterministic
+    assert set(task_vocabulary(max_seconds=40)) < vocabulary and "39" in task_vocabulary(max_seconds=40)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seed=-1), "seed must be a non-negative integer"),
+        (dict(seed=1.5), "seed must be a non-negative integer"),
+        (dict(seed=0, task="colour"), "unknown task 'colour'"),
+        (dict(seed=0, seconds=8), "seconds must be an integer >= 16"),
+        (dict(seed=0, frame_size=16), "frame_size must be an integer >= 32"),
+        (dict(seed=0, fps=3), "fps must be a positive even integer"),
+        (dict(seed=0, noise=-1.0), "noise must be a standard deviation"),
+        (dict(seed=0, max_objects=4), "max_objects must be 1, 2 or 3"),
+    ],
+)
+def test_bad_generator_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate_sample(**kwargs)
+
+
+def test_bad_writer_arguments(tmp_path):
+    frames = generate_sample(0, seconds=16, frame_size=32).frames
+    with pytest.raises(ValueError, match="uint8"):
+        write_mp4(tmp_path / "a.mp4", frames.astype(np.float32), 2.0)
+    with pytest.raises(ValueError, match="even"):
+        write_mp4(tmp_path / "a.mp4", frames[:, :31], 2.0)
+    with pytest.raises(ValueError, match="does not exist"):
+        write_mp4(tmp_path / "missing" / "a.mp4", frames, 2.0)
+    with pytest.raises(ValueError, match="distinct"):
+        write_synthetic_dataset(tmp_path / "data", [1, 1])
+    with pytest.raises(ValueError, match="unknown task"):
+        write_synthetic_dataset(tmp_path / "data", [1], task="colour")
+    assert os.listdir(tmp_path) == []  # nothing written: arguments are checked before any file
