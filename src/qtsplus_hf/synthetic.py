@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .data import MULTIPLE_CHOICE_INSTRUCTION, question_text
 from .tiny import byte_level_tokenizer
 
 
@@ -51,7 +52,6 @@ MAX_COUNT = 5
 LOCALISATION_OPTION_GAP = 3
 COLOUR_JITTER = 10  # per-channel variation of an object's colour around its palette entry
 SYSTEM_PROMPT = "You are a helpful assistant."
-ANSWER_INSTRUCTION = "Answer with the letter."
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class SyntheticSample:
 
     @property
     def prompt(self) -> str:
-        return multiple_choice_prompt(self.question, self.options)
+        return question_text({"question": self.question, "options": self.options})
 
     def manifest_row(self, video: str) -> dict:
         """The manifest row for this sample stored at `video` (a path relative to the manifest)."""
@@ -102,12 +102,6 @@ class SyntheticSample:
             "type": self.task, "evidence_frames": list(self.evidence_frames), "fps": float(self.fps),
             "seed": self.seed,
         }
-
-
-def multiple_choice_prompt(question: str, options: Sequence[str]) -> str:
-    """The user text for a question and its four options; the expected reply is one letter."""
-    lines = [question] + [f"{letter}. {option}" for letter, option in zip(LETTERS, options)]
-    return "\n".join(lines + [ANSWER_INSTRUCTION])
 
 
 def shape_mask(shape: str, size: int) -> np.ndarray:
@@ -420,7 +414,7 @@ def task_texts(max_seconds: int = 64) -> list[str]:
     questions += [f"At which second does the {shape} appear?" for shape in SHAPES]
     questions += [f"How many times does the {shape} appear?" for shape in SHAPES]
     option_lines = [f"{letter}. {option}" for letter in LETTERS for option in [*COLOURS, *SHAPES, *numbers]]
-    scaffold = [SYSTEM_PROMPT, ANSWER_INSTRUCTION, "system\n", "user\n", "assistant\n", *LETTERS]
+    scaffold = [SYSTEM_PROMPT, MULTIPLE_CHOICE_INSTRUCTION, "system\n", "user\n", "assistant\n", *LETTERS]
     return questions + option_lines + scaffold
 
 
@@ -451,6 +445,6 @@ def letter_token_ids(tokenizer) -> list[int]:
 
 __all__ = [
     "COLOURS", "DEFAULT_FPS", "LETTERS", "SHAPES", "TASKS", "SceneObject", "SyntheticSample", "generate_sample",
-    "iter_samples", "letter_token_ids", "multiple_choice_prompt", "nearest_colour", "shape_mask",
+    "iter_samples", "letter_token_ids", "nearest_colour", "shape_mask",
     "synthetic_tokenizer", "task_texts", "task_vocabulary", "write_mp4", "write_synthetic_dataset",
 ]
