@@ -1,6 +1,7 @@
 """Fine-tuning through the Trainer (selector / lora / full), LoRA round trips, data loading and `qtsplus eval`."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from conftest import write_mp4
 from qtsplus_hf.cli import main
 from qtsplus_hf.data import VideoQACollator, load_video_qa, normalize_row, question_text
 from qtsplus_hf.evaluation import evaluate_multiple_choice, option_letter_token_ids
+from qtsplus_hf.tiny import VIDEO_ID
 from qtsplus_hf.training import (
     TrainOptions, build_trainer, load_model_and_processor, parameters_without_gradient, prepare_model_for_mode, train,
 )
@@ -69,6 +71,16 @@ def test_full_training_lowers_the_loss_and_logs_every_term(qa_folder, tiny_check
     assert all(0.05 <= entry["rho"] <= 0.5 for entry in logs)  # the paper's ρ range
     assert os.path.isfile(os.path.join(options.output, "model.safetensors"))
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".qtsplus-train-")]  # staging removed
+
+
+def test_training_at_a_fixed_keep_ratio_keeps_that_share(qa_folder, tiny_checkpoint, tmp_path):
+    _, processor = load_model_and_processor(tiny_checkpoint)
+    rows = load_video_qa(str(qa_folder / "train.jsonl"), str(qa_folder)).rows
+    tokens_per_video = int((VideoQACollator(processor)(rows[:1])["input_ids"] == VIDEO_ID).sum())
+    options = options_for(qa_folder, tiny_checkpoint, tmp_path, mode="selector", keep_ratio=0.5, max_steps=2,
+                          logging_steps=1)
+    logs = [entry for entry in train(options).log_history if "loss" in entry]
+    assert [entry["kept_tokens"] for entry in logs] == [math.ceil(0.5 * tokens_per_video)] * 2
 
 
 def test_frozen_parameters_are_exactly_those_without_gradient(tiny_checkpoint, qa_folder):

@@ -218,6 +218,8 @@ def add_train_parser(commands) -> None:
     train.add_argument("--bf16", action="store_true", help="bf16 mixed precision (where the device supports it)")
     train.add_argument("--fps", type=float, default=None, help="frames sampled per second (default: processor's)")
     train.add_argument("--max-frames", type=positive_int, default=None)
+    train.add_argument("--keep-ratio", type=keep_ratio, default=None,
+                       help="train at a fixed keep ratio (default: the predicted budget)")
     train.add_argument("--logging-steps", type=positive_int, default=10)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--merge", action="store_true", help="lora: also write the merged full checkpoint")

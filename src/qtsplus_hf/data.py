@@ -265,14 +265,16 @@ class VideoQACollator:
     """Turn normalised rows into model inputs: decode and sample each video, apply the chat template, run the
     processor (padding on the right for training) and, with `with_answers`, add `labels` for the answer tokens.
 
-    `qtsplus_query_mask` covers the user's text (question and options), never the answer.
+    `qtsplus_query_mask` covers the user's text (question and options), never the answer. `keep_ratio`, when
+    given, goes into every batch as `qtsplus_keep_ratio` (a fixed share of tokens instead of the predicted budget).
     """
 
     def __init__(self, processor, fps: float | None = None, min_frames: int | None = None,
-                 max_frames: int | None = None, with_answers: bool = True) -> None:
+                 max_frames: int | None = None, with_answers: bool = True, keep_ratio: float | None = None) -> None:
         self.processor = processor
         self.fps, self.min_frames, self.max_frames = fps, min_frames, max_frames
         self.with_answers = with_answers
+        self.keep_ratio = keep_ratio
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         texts, videos, metadata = [], [], []
@@ -294,7 +296,10 @@ class VideoQACollator:
         if self.with_answers:
             batch["labels"] = answer_token_labels(self.processor, batch["input_ids"])
             batch["labels"][batch["attention_mask"] == 0] = -100
-        return dict(batch)
+        batch = dict(batch)
+        if self.keep_ratio is not None:
+            batch["qtsplus_keep_ratio"] = self.keep_ratio
+        return batch
 
 
 __all__ = [

@@ -53,6 +53,7 @@ class TrainOptions:
     bf16: bool = False
     fps: float | None = None
     max_frames: int | None = None
+    keep_ratio: float | None = None  # None: the predicted budget; a float in (0, 1]: that share of every video
     logging_steps: int = 10
     seed: int = 0
     merge: bool = False
@@ -63,6 +64,8 @@ class TrainOptions:
         for name in ("epochs", "learning_rate", "batch_size", "gradient_accumulation_steps", "logging_steps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.merge and self.mode != "lora":
             raise ValueError("merge applies to mode 'lora' only (the other modes write a full checkpoint already)")
 
@@ -197,7 +200,9 @@ def build_trainer(
     model, processor: QTSplusProcessor, rows: Sequence[dict], options: TrainOptions, output_dir: str | None = None
 ) -> QTSplusTrainer:
     """The Trainer for normalised rows (see `qtsplus_hf.data.normalize_row`)."""
-    collator = VideoQACollator(processor, fps=options.fps, max_frames=options.max_frames)
+    collator = VideoQACollator(
+        processor, fps=options.fps, max_frames=options.max_frames, keep_ratio=options.keep_ratio
+    )
     arguments = training_arguments(options, output_dir or options.output)
     return QTSplusTrainer(model=model, args=arguments, train_dataset=list(rows), data_collator=collator)
 
