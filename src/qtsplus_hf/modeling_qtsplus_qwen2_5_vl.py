@@ -9,7 +9,8 @@ The file reads in the order of the method:
 4. selection: hard top-n in original order, with a straight-through threshold gate in training;
 5. re-encoding: self-attention over the kept tokens with their absolute timestamps injected;
 6. the model: vision encoder -> selector -> drop unselected video positions (embeddings, mask, labels, 3-D MRoPE
-   positions) -> the unchanged Qwen2.5-VL language model on the shorter sequence.
+   positions, or plain sequential positions for the released checkpoints) -> the unchanged Qwen2.5-VL language model
+   on the shorter sequence.
 
 Remote-code file: it imports only `torch`, `transformers` and its sibling `configuration_qtsplus`.
 """
@@ -89,7 +90,8 @@ class QTSplusInputs:
         inputs_embeds: `[batch, S', D]`, text embeddings and re-encoded kept video tokens.
         attention_mask: `[batch, S']`.
         position_ids: `[4, batch, S']`, a text row (for mask construction, as `generate` builds it) then the
-            temporal / height / width MRoPE rows; kept tokens keep their original positions.
+            temporal / height / width MRoPE rows; kept tokens keep their original positions (position mode
+            `"sequential"`: every row is 0, 1, 2, ... over the attended tokens).
         labels: `[batch, S']` or None.
         rope_deltas: `[batch, 1]`, next MRoPE position minus the number of attended prefill tokens.
         selection: the per-video selection.
@@ -335,7 +337,12 @@ class QTSplusSelector(nn.Module):
         self.reencode_layers = nn.ModuleList(
             [QTSplusReencodeLayer(config) for _ in range(config.qtsplus_num_reencode_layers)]
         )
-        use_time = config.qtsplus_time_embedding and config.qtsplus_num_reencode_layers > 0
+        # The released checkpoints (sequential positions) were trained without a time input.
+        use_time = (
+            config.qtsplus_time_embedding
+            and config.qtsplus_num_reencode_layers > 0
+            and config.qtsplus_position_mode == "mrope"
+        )
         self.time_embedding = QTSplusTimeEmbedding(config) if use_time else None
         # Running mean of ρ over training, the reference of the smoothness loss (not saved with the weights).
         self.register_buffer("rho_sum", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -647,14 +654,6 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         inputs_embeds = inputs_embeds.masked_scatter(
             (video_positions & sequence_keep)[..., None], kept_tokens.to(inputs_embeds.dtype)
         )
-        position_ids, _ = self.model.get_rope_index(
-            input_ids,
-            mm_token_type_ids=mm_token_type_ids,
-            image_grid_thw=image_grid_thw,
-            video_grid_thw=video_grid_thw,
-            second_per_grid_ts=second_per_grid_ts,
-            attention_mask=attention_mask,
-        )
         new_lengths = sequence_keep.sum(-1)
         length = int(new_lengths.max())
         right_padded = bool((attention_mask[:, -1] == 0).any())
@@ -663,11 +662,25 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             destination = destination + (length - new_lengths)[:, None]
         compact = partial(compact_rows, keep=sequence_keep, destination=destination, length=length)
         new_attention_mask = compact(attention_mask, pad_value=0)
-        mrope_positions = compact(position_ids.permute(1, 2, 0), pad_value=0).permute(2, 0, 1)
         text_positions = (new_attention_mask.long().cumsum(-1) - 1).masked_fill(new_attention_mask == 0, 0)
-        # Decoding continues after the largest stock position, which a dropped video token may have held.
-        next_position = position_ids.masked_fill(attention_mask[None] == 0, 0).amax(dim=(0, 2)) + 1
-        rope_deltas = (next_position - new_attention_mask.sum(-1))[:, None]
+        if self.config.qtsplus_position_mode == "sequential":
+            # The released checkpoints' LM saw the spliced sequence as plain text: 0, 1, 2, ... on every rotary
+            # axis, so decoding continues at the attended length (rope_deltas 0).
+            mrope_positions = text_positions[None].expand(3, -1, -1)
+            rope_deltas = torch.zeros_like(new_lengths)[:, None]
+        else:
+            position_ids, _ = self.model.get_rope_index(
+                input_ids,
+                mm_token_type_ids=mm_token_type_ids,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                second_per_grid_ts=second_per_grid_ts,
+                attention_mask=attention_mask,
+            )
+            mrope_positions = compact(position_ids.permute(1, 2, 0), pad_value=0).permute(2, 0, 1)
+            # Decoding continues after the largest stock position, which a dropped video token may have held.
+            next_position = position_ids.masked_fill(attention_mask[None] == 0, 0).amax(dim=(0, 2)) + 1
+            rope_deltas = (next_position - new_attention_mask.sum(-1))[:, None]
 
         kept_per_video = keep.sum(-1).tolist()
         selection = QTSplusSelection(
