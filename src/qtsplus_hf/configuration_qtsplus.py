@@ -47,6 +47,9 @@ class QTSplusConfig(Qwen2_5_VLConfig):
             MRoPE positions and the re-encoder adds absolute time (this project's model). `"sequential"`: the
             selection is spliced into the prompt with plain positions 0, 1, 2, ... on all three rotary axes and no
             time embedding, the way the paper's released checkpoints were trained (`qtsplus convert --from official`).
+        qtsplus_base_model (`str`, *optional*):
+            Hub id of the checkpoint this model was converted from (set by `from_qwen2_5_vl` and `qtsplus convert`);
+            the model card's `base_model`.
     """
 
     model_type = "qtsplus_qwen2_5_vl"
@@ -66,6 +69,7 @@ class QTSplusConfig(Qwen2_5_VLConfig):
     qtsplus_time_embedding_dim: int = 64
     qtsplus_vision_chunk_frames: int = 0
     qtsplus_position_mode: str = "mrope"
+    qtsplus_base_model: str | None = None
 
     def __post_init__(self, **kwargs):
         self._validate_qtsplus()
@@ -106,6 +110,8 @@ class QTSplusConfig(Qwen2_5_VLConfig):
             fail("qtsplus_vision_chunk_frames", f"a multiple of the temporal patch size ({temporal_patch_size or 2})")
         if self.qtsplus_position_mode not in POSITION_MODES:
             fail("qtsplus_position_mode", " or ".join(repr(mode) for mode in POSITION_MODES))
+        if self.qtsplus_base_model is not None and not isinstance(self.qtsplus_base_model, str):
+            fail("qtsplus_base_model", "None or a Hub model id")
         for field in ("qtsplus_lambda_flops", "qtsplus_lambda_kv", "qtsplus_lambda_smooth"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:

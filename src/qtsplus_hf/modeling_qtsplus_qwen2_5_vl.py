@@ -15,6 +15,7 @@ The file reads in the order of the method:
 Remote-code file: it imports only `torch`, `transformers` and its sibling `configuration_qtsplus`.
 """
 
+import copy
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -913,28 +914,41 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
     ) -> "QTSplusQwen2_5_VLForConditionalGeneration":
         """Wrap a stock Qwen2.5-VL (an in-memory model, a local directory or a Hub id) into a QTSplus model.
 
-        All stock weights are copied; the selector is initialised from LM decoder layers with zero re-encoder
-        residuals, so with `qtsplus_keep_ratio=1.0` the logits equal the stock model's.
-        `config_overrides` set `qtsplus_*` fields (for example `qtsplus_max_tokens=1024`).
+        All stock weights are copied (an in-memory model is left untouched; one loaded here is handed over without a
+        copy); the selector is initialised from LM decoder layers with zero re-encoder residuals, so with
+        `qtsplus_keep_ratio=1.0` the logits equal the stock model's. `config_overrides` set `qtsplus_*` fields (for
+        example `qtsplus_max_tokens=1024`); `qtsplus_base_model` defaults to the Hub id or path given.
         """
         unknown = sorted(key for key in config_overrides if not key.startswith("qtsplus_"))
         if unknown:
             raise ValueError(f"from_qwen2_5_vl only takes qtsplus_* overrides, got {unknown}")
         stock = model_or_path
         if not isinstance(stock, Qwen2_5_VLForConditionalGeneration):
+            # The stock class knows the legacy key layouts of Hub checkpoints (`visual.*`, `model.layers.*`).
             stock = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_or_path)
+            state_dict = stock.state_dict()
+            config_overrides.setdefault("qtsplus_base_model", str(model_or_path))
+        else:
+            state_dict = {name: tensor.clone() for name, tensor in stock.state_dict().items()}
+            config_overrides.setdefault("qtsplus_base_model", stock.config.name_or_path or None)
         config_dict = stock.config.to_dict()
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             config_dict.pop(key, None)
         config = QTSplusConfig(**config_dict, **config_overrides)
-        config._attn_implementation = stock.config._attn_implementation
-        model = cls._from_config(config, dtype=stock.dtype).to(stock.device)
-        missing, unexpected = model.load_state_dict(stock.state_dict(), strict=False)
-        if unexpected or any(not key.startswith("qtsplus.") for key in missing):
-            raise ValueError(f"checkpoint does not fit Qwen2.5-VL: missing {missing}, unexpected {unexpected}")
+        # from_pretrained builds on the meta device and initialises only what the state dict lacks (the selector):
+        # no second random initialisation of a multi-billion-parameter model.
+        model, loading = cls.from_pretrained(
+            None, config=config, state_dict=state_dict, dtype=stock.dtype,
+            attn_implementation=stock.config._attn_implementation, output_loading_info=True,
+        )
+        missing, unexpected = loading["missing_keys"], loading["unexpected_keys"]
+        if unexpected or any(not key.startswith("qtsplus.") for key in missing) or loading["mismatched_keys"]:
+            raise ValueError(f"checkpoint does not fit Qwen2.5-VL: missing {sorted(missing)}, unexpected "
+                             f"{sorted(unexpected)}, mismatched {sorted(loading['mismatched_keys'])}")
+        model.to(stock.device)
         model.initialize_selector_from_language_model()
-        model.generation_config = stock.generation_config
-        return model.eval() if not stock.training else model
+        model.generation_config = copy.deepcopy(stock.generation_config)
+        return model.train() if stock.training else model.eval()
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, with `auto_map` for every Auto class this model serves."""
