@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("--viz", default=None, help="write a PNG of the kept patches and relevance over time")
     answer.add_argument("--json", default=None, help="write the result as JSON to this path")
     answer.set_defaults(handler=run_answer)
+
+    from .hub_commands import add_hub_commands  # export, push, convert
+
+    add_hub_commands(commands)
     return parser
 
 

@@ -74,9 +74,17 @@ def write_hub_folder(
     """
     from .hub_card import render_model_card
 
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     base_model = base_model or model.config.qtsplus_base_model
     if not base_model:
         raise ValueError("the model does not record its base model (config.qtsplus_base_model): pass base_model")
+    try:
+        if os.path.exists(base_model):
+            raise HFValidationError("it is a local path")
+        validate_repo_id(base_model)
+    except HFValidationError as error:
+        raise ValueError(f"base model {base_model!r} is not a Hub model id ({error}); pass base_model") from error
     out_dir = _prepare_output_folder(out_dir)
     model.config.qtsplus_base_model = base_model
     staging = tempfile.mkdtemp(prefix=".qtsplus-export-", dir=os.path.dirname(out_dir))
@@ -142,10 +150,10 @@ def _check_remote_reference(folder: str, reference: str, needed_by: str, checked
         checked.add(current)
         for node in ast.walk(_module_syntax_tree(folder, current, needed_by)):
             if isinstance(node, ast.ImportFrom) and node.level == 1:
-                pending.append(node.module or "")
+                pending += [node.module] if node.module else [alias.name for alias in node.names]
 
 
-def _check_weights(folder: str, config: dict) -> None:
+def _check_weights(folder: str) -> None:
     from safetensors import SafetensorError, safe_open
 
     index_path = os.path.join(folder, "model.safetensors.index.json")
@@ -172,7 +180,7 @@ def _check_weights(folder: str, config: dict) -> None:
         misplaced = sorted(name for name, shard in weight_map.items() if stored.get(name) != shard)
         if misplaced:
             raise ValueError(f"the index lists tensors its shards do not hold: {misplaced[:5]}")
-    if not any(name.startswith("qtsplus.") for name in stored) and config.get("qtsplus_enabled", True):
+    if not any(name.startswith("qtsplus.") for name in stored):
         raise ValueError("the weights hold no QTSplus selector tensors (qtsplus.*)")
 
 
@@ -220,8 +228,10 @@ def validate_hub_folder(folder: str | os.PathLike) -> list[tuple[str, int]]:
     if missing:
         raise ValueError(f"config.json auto_map lacks {missing}")
     checked: set[str] = set()
-    for auto_class, reference in sorted(auto_map.items()):
-        _check_remote_reference(folder, reference, f"config.json auto_map[{auto_class!r}]", checked)
+    for auto_class, references in sorted(auto_map.items()):
+        for reference in references if isinstance(references, list) else [references]:  # tokenizers: [slow, fast]
+            if reference is not None:
+                _check_remote_reference(folder, reference, f"config.json auto_map[{auto_class!r}]", checked)
     pipeline = (config.get("custom_pipelines") or {}).get(PIPELINE_TASK)
     if not pipeline:
         raise ValueError(f"config.json has no custom_pipelines entry for {PIPELINE_TASK!r}")
@@ -232,7 +242,7 @@ def validate_hub_folder(folder: str | os.PathLike) -> list[tuple[str, int]]:
     _check_remote_reference(folder, processor_reference, "processor_config.json auto_map['AutoProcessor']", checked)
     if not any(os.path.isfile(os.path.join(folder, name)) for name in ("tokenizer.json", "tokenizer_config.json")):
         raise ValueError("no tokenizer files (tokenizer.json / tokenizer_config.json)")
-    _check_weights(folder, config)
+    _check_weights(folder)
     _check_card(folder)
     return hub_folder_files(folder)
 

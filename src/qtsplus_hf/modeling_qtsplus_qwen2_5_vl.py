@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import Qwen2_5_VLForConditionalGeneration, initialization
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_qtsplus import QTSplusConfig
 
@@ -937,10 +937,15 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         config = QTSplusConfig(**config_dict, **config_overrides)
         # from_pretrained builds on the meta device and initialises only what the state dict lacks (the selector):
         # no second random initialisation of a multi-billion-parameter model.
-        model, loading = cls.from_pretrained(
-            None, config=config, state_dict=state_dict, dtype=stock.dtype,
-            attn_implementation=stock.config._attn_implementation, output_loading_info=True,
-        )
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # its load report would call the selector keys, missing by design, a problem
+        try:
+            model, loading = cls.from_pretrained(
+                None, config=config, state_dict=state_dict, dtype=stock.dtype,
+                attn_implementation=stock.config._attn_implementation, output_loading_info=True,
+            )
+        finally:
+            logging.set_verbosity(verbosity)
         missing, unexpected = loading["missing_keys"], loading["unexpected_keys"]
         if unexpected or any(not key.startswith("qtsplus.") for key in missing) or loading["mismatched_keys"]:
             raise ValueError(f"checkpoint does not fit Qwen2.5-VL: missing {sorted(missing)}, unexpected "
