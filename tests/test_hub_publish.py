@@ -182,7 +182,7 @@ def test_export_refuses_a_non_empty_folder_and_leaves_nothing_on_failure(tiny_ch
     assert main(["export", "--model", tiny_checkpoint, "--out", str(tmp_path / "taken"),
                  "--base-model", BASE_MODEL]) == 2
     assert "not empty" in capsys.readouterr().err
-    # the tiny checkpoint records no base model: the export fails after loading, before anything is left behind
+    # the tiny checkpoint records no base model: the export stops before reading weights or writing anything
     assert main(["export", "--model", tiny_checkpoint, "--out", str(tmp_path / "new")]) == 2
     assert "base model" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["taken"]

@@ -56,6 +56,21 @@ def _prepare_output_folder(out_dir: str | os.PathLike) -> str:
     return out_dir
 
 
+def check_base_model(base_model: str | None) -> str:
+    """The card's `base_model` must be a Hub model id (a local path would publish a dead link)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not base_model:
+        raise ValueError("the base model is unknown (config.qtsplus_base_model is not set): pass --base-model")
+    try:
+        if os.path.exists(base_model):
+            raise HFValidationError("it is a local path")
+        validate_repo_id(base_model)
+    except HFValidationError as error:
+        raise ValueError(f"base model {base_model!r} is not a Hub model id ({error}); pass --base-model") from error
+    return base_model
+
+
 def write_hub_folder(
     model,
     processor,
@@ -70,21 +85,11 @@ def write_hub_folder(
     Weights (safetensors, sharded above `max_shard_size`), `config.json` with `auto_map` and `custom_pipelines`,
     `generation_config.json`, the processor / tokenizer / chat-template files, every remote-code file at the top level
     and README.md rendered from `hub_card/`. The folder appears complete or not at all (written beside, then renamed).
-    `base_model` defaults to `config.qtsplus_base_model`.
+    `base_model` (a Hub id) defaults to `config.qtsplus_base_model`.
     """
     from .hub_card import render_model_card
 
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    base_model = base_model or model.config.qtsplus_base_model
-    if not base_model:
-        raise ValueError("the model does not record its base model (config.qtsplus_base_model): pass base_model")
-    try:
-        if os.path.exists(base_model):
-            raise HFValidationError("it is a local path")
-        validate_repo_id(base_model)
-    except HFValidationError as error:
-        raise ValueError(f"base model {base_model!r} is not a Hub model id ({error}); pass base_model") from error
+    base_model = check_base_model(base_model or model.config.qtsplus_base_model)
     out_dir = _prepare_output_folder(out_dir)
     model.config.qtsplus_base_model = base_model
     staging = tempfile.mkdtemp(prefix=".qtsplus-export-", dir=os.path.dirname(out_dir))
@@ -255,7 +260,7 @@ def push_hub_folder(
     from huggingface_hub import create_branch, create_repo, upload_folder
 
     validate_hub_folder(folder)
-    create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")  # None: Hub default
     if revision is not None:
         create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
     commit = upload_folder(

@@ -42,6 +42,16 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="split the weights above this size (default 5GB)")
 
 
+def _check_output_options(args: argparse.Namespace, base_model: str | None) -> None:
+    """Fail on a bad --out or base model before any weights are read."""
+    from .hub import check_base_model
+
+    check_base_model(base_model)
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"output folder {out} already exists and is not empty")
+
+
 def _write(model, processor, args: argparse.Namespace) -> None:
     from .hub import hub_folder_files, write_hub_folder
 
@@ -59,10 +69,11 @@ def run_export(args: argparse.Namespace) -> None:
     if not os.path.isfile(config_path):
         raise ValueError(f"no config.json in {args.model}")
     with open(config_path, encoding="utf-8") as handle:
-        model_type = json.load(handle).get("model_type")
-    if model_type != "qtsplus_qwen2_5_vl":
-        raise ValueError(f"{args.model} is not a QTSplus checkpoint (model_type {model_type!r}); "
+        config = json.load(handle)
+    if config.get("model_type") != "qtsplus_qwen2_5_vl":
+        raise ValueError(f"{args.model} is not a QTSplus checkpoint (model_type {config.get('model_type')!r}); "
                          "use `qtsplus convert --from qwen2_5_vl` or `--from official`")
+    _check_output_options(args, args.base_model or config.get("qtsplus_base_model"))
     from .convert import load_processor
     from .modeling_qtsplus_qwen2_5_vl import QTSplusQwen2_5_VLForConditionalGeneration
 
@@ -111,6 +122,11 @@ def run_convert(args: argparse.Namespace) -> None:
 
     overrides = _qtsplus_overrides(args)
     processor_source = args.processor or args.source
+    is_local = os.path.isdir(args.source)
+    if args.source_format == "official" and not is_local:
+        raise ValueError(f"checkpoint folder not found: {args.source} (--from official reads a local folder)")
+    # A Hub id names its own base model; a local folder does not.
+    _check_output_options(args, args.base_model or (None if is_local else args.source))
     if args.source_format == "official":
         for flag, value in (("--scoring-layers", args.scoring_layers), ("--reencode-layers", args.reencode_layers),
                             ("--position-mode", args.position_mode)):
