@@ -46,7 +46,8 @@ def save_checkpoint(model, processor, directory: str | os.PathLike, max_shard_si
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _prepare_output_folder(out_dir: str | os.PathLike) -> str:
+def check_output_folder(out_dir: str | os.PathLike) -> str:
+    """The absolute path of a new output folder: it may exist only empty, and its parent must exist."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ValueError(f"output folder {out_dir} already exists and is not empty")
@@ -90,9 +91,12 @@ def write_hub_folder(
     from .hub_card import render_model_card
 
     base_model = check_base_model(base_model or model.config.qtsplus_base_model)
-    out_dir = _prepare_output_folder(out_dir)
+    out_dir = check_output_folder(out_dir)
     model.config.qtsplus_base_model = base_model
     staging = tempfile.mkdtemp(prefix=".qtsplus-export-", dir=os.path.dirname(out_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's private 0700 would otherwise become the output folder's mode
     try:
         save_checkpoint(model, processor, staging, max_shard_size=max_shard_size)
         card = render_model_card(model, base_model=base_model, repo_id=repo_id, license=license)

@@ -4,27 +4,13 @@ import argparse
 import os
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _human_size(size: float) -> str:
-    if size < 1024:
-        return f"{size:.0f} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        size /= 1024
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}"
+def _human_size(size: int) -> str:
+    scaled, unit = float(size), "B"
+    for larger in ("KiB", "MiB", "GiB"):
+        if scaled < 1024:
+            break
+        scaled, unit = scaled / 1024, larger
+    return f"{size} B" if unit == "B" else f"{scaled:.1f} {unit}"
 
 
 def _print_files(files: list[tuple[str, int]]) -> None:
@@ -44,12 +30,10 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
 
 def _check_output_options(args: argparse.Namespace, base_model: str | None) -> None:
     """Fail on a bad --out or base model before any weights are read."""
-    from .hub import check_base_model
+    from .hub import check_base_model, check_output_folder
 
     check_base_model(base_model)
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise ValueError(f"output folder {out} already exists and is not empty")
+    check_output_folder(args.out)
 
 
 def _write(model, processor, args: argparse.Namespace) -> None:
@@ -142,6 +126,8 @@ def run_convert(args: argparse.Namespace) -> None:
 
 def add_hub_commands(commands) -> None:
     """Register `export`, `push` and `convert` on the `qtsplus` sub-command parsers."""
+    from .cli import keep_ratio, positive_int
+
     export = commands.add_parser("export", help="write a complete Hub folder from a saved QTSplus checkpoint")
     export.add_argument("--model", required=True, help="QTSplus checkpoint folder (weights, config, processor)")
     _add_output_options(export)
@@ -162,10 +148,10 @@ def add_hub_commands(commands) -> None:
     convert.add_argument("--processor", default=None, help="folder with the processor files (default: SOURCE)")
     convert.add_argument("--base-config", default=None,
                          help="official only: stock Qwen2.5-VL config.json (or folder) for the vision settings")
-    convert.add_argument("--max-tokens", type=_positive_int, default=None, help="n_max, the most tokens kept")
-    convert.add_argument("--rho-min", type=_ratio, default=None)
-    convert.add_argument("--rho-max", type=_ratio, default=None)
-    convert.add_argument("--scoring-layers", type=_positive_int, default=None)
+    convert.add_argument("--max-tokens", type=positive_int, default=None, help="n_max, the most tokens kept")
+    convert.add_argument("--rho-min", type=keep_ratio, default=None)
+    convert.add_argument("--rho-max", type=keep_ratio, default=None)
+    convert.add_argument("--scoring-layers", type=positive_int, default=None)
     convert.add_argument("--reencode-layers", type=int, default=None)
     convert.add_argument("--position-mode", choices=("mrope", "sequential"), default=None)
     _add_output_options(convert)
