@@ -22,7 +22,8 @@ def reference_logits(model, inputs_embeds, attention_mask):
     return model.lm_head(hidden)
 
 
-def test_unknown_mode_is_refused_naming_the_field():
+def test_mrope_is_the_default_and_an_unknown_mode_is_refused_naming_the_field():
+    assert QTSplusConfig(**tiny_config_dict()).qtsplus_position_mode == "mrope"
     with pytest.raises(ValueError, match="qtsplus_position_mode"):
         QTSplusConfig(**tiny_config_dict(), qtsplus_position_mode="rope")
 

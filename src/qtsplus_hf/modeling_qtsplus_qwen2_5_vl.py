@@ -17,6 +17,7 @@ Remote-code file: it imports only `torch`, `transformers` and its sibling `confi
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -917,7 +918,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         All stock weights are copied (an in-memory model is left untouched; one loaded here is handed over without a
         copy); the selector is initialised from LM decoder layers with zero re-encoder residuals, so with
         `qtsplus_keep_ratio=1.0` the logits equal the stock model's. `config_overrides` set `qtsplus_*` fields (for
-        example `qtsplus_max_tokens=1024`); `qtsplus_base_model` defaults to the Hub id or path given.
+        example `qtsplus_max_tokens=1024`); `qtsplus_base_model` defaults to the stock model's Hub id, if it has one.
         """
         unknown = sorted(key for key in config_overrides if not key.startswith("qtsplus_"))
         if unknown:
@@ -927,10 +928,12 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             # The stock class knows the legacy key layouts of Hub checkpoints (`visual.*`, `model.layers.*`).
             stock = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_or_path)
             state_dict = stock.state_dict()
-            config_overrides.setdefault("qtsplus_base_model", str(model_or_path))
+            # A Hub id is the base model a model card can link to; a local folder is not.
+            config_overrides.setdefault("qtsplus_base_model", None if os.path.isdir(model_or_path) else model_or_path)
         else:
             state_dict = {name: tensor.clone() for name, tensor in stock.state_dict().items()}
-            config_overrides.setdefault("qtsplus_base_model", stock.config.name_or_path or None)
+            name = stock.config.name_or_path
+            config_overrides.setdefault("qtsplus_base_model", None if not name or os.path.isdir(name) else name)
         config_dict = stock.config.to_dict()
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             config_dict.pop(key, None)
