@@ -263,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     answer.set_defaults(handler=run_answer)
     add_train_parser(commands)
     add_eval_parser(commands)
+
+    from .hub_commands import add_hub_commands  # export, push, convert
+
+    add_hub_commands(commands)
     return parser
 
 

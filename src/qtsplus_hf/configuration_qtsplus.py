@@ -7,6 +7,8 @@ Remote-code file: it imports only `transformers` so that `save_pretrained` can s
 from transformers import Qwen2_5_VLConfig
 
 
+POSITION_MODES = ("mrope", "sequential")
+
 class QTSplusConfig(Qwen2_5_VLConfig):
     r"""
     A [`Qwen2_5_VLConfig`] plus the flat `qtsplus_*` settings of the QTSplus selector (arXiv 2511.11910).
@@ -29,7 +31,7 @@ class QTSplusConfig(Qwen2_5_VLConfig):
         qtsplus_num_reencode_layers (`int`, defaults to 1):
             Self-attention layers over the kept tokens; 0 disables the re-encoder.
         qtsplus_time_embedding (`bool`, defaults to `True`):
-            Inject each kept token's absolute timestamp (seconds) into the re-encoder.
+            Inject each kept token's absolute timestamp (seconds) into the re-encoder (`"mrope"` position mode only).
         qtsplus_lambda_flops / qtsplus_lambda_kv / qtsplus_lambda_smooth (`float`, defaults 1.0 / 1.7 / 0.05):
             Weights of the auxiliary losses (FLOPs proxy, KV proxy, smoothness of ρ) added to the LM loss.
         qtsplus_budget_hidden_size (`int`, defaults to 256):
@@ -40,6 +42,14 @@ class QTSplusConfig(Qwen2_5_VLConfig):
             Encode videos this many frames at a time (a multiple of the temporal patch size) so the vision encoder's
             activation memory no longer grows with video length; 0 encodes each video at once. The features are the
             same: the Qwen2.5-VL vision encoder attends only within a temporal patch.
+        qtsplus_position_mode (`str`, defaults to `"mrope"`):
+            How the language model sees the compacted sequence. `"mrope"`: kept video tokens keep their original 3-D
+            MRoPE positions and the re-encoder adds absolute time (this project's model). `"sequential"`: the
+            selection is spliced into the prompt with plain positions 0, 1, 2, ... on all three rotary axes and no
+            time embedding, the way the paper's released checkpoints were trained (`qtsplus convert --from official`).
+        qtsplus_base_model (`str`, *optional*):
+            Hub id of the checkpoint this model was converted from (set by `from_qwen2_5_vl` and `qtsplus convert`);
+            the model card's `base_model`.
     """
 
     model_type = "qtsplus_qwen2_5_vl"
@@ -58,6 +68,8 @@ class QTSplusConfig(Qwen2_5_VLConfig):
     qtsplus_budget_hidden_size: int = 256
     qtsplus_time_embedding_dim: int = 64
     qtsplus_vision_chunk_frames: int = 0
+    qtsplus_position_mode: str = "mrope"
+    qtsplus_base_model: str | None = None
 
     def __post_init__(self, **kwargs):
         self._validate_qtsplus()
@@ -96,6 +108,10 @@ class QTSplusConfig(Qwen2_5_VLConfig):
             temporal_patch_size = self.vision_config.get("temporal_patch_size")
         if self.qtsplus_vision_chunk_frames % (temporal_patch_size or 2):
             fail("qtsplus_vision_chunk_frames", f"a multiple of the temporal patch size ({temporal_patch_size or 2})")
+        if self.qtsplus_position_mode not in POSITION_MODES:
+            fail("qtsplus_position_mode", " or ".join(repr(mode) for mode in POSITION_MODES))
+        if self.qtsplus_base_model is not None and not isinstance(self.qtsplus_base_model, str):
+            fail("qtsplus_base_model", "None or a Hub model id")
         for field in ("qtsplus_lambda_flops", "qtsplus_lambda_kv", "qtsplus_lambda_smooth"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:

@@ -9,12 +9,15 @@ The file reads in the order of the method:
 4. selection: hard top-n in original order, with a straight-through threshold gate in training;
 5. re-encoding: self-attention over the kept tokens with their absolute timestamps injected;
 6. the model: vision encoder -> selector -> drop unselected video positions (embeddings, mask, labels, 3-D MRoPE
-   positions) -> the unchanged Qwen2.5-VL language model on the shorter sequence.
+   positions, or plain sequential positions for the released checkpoints) -> the unchanged Qwen2.5-VL language model
+   on the shorter sequence.
 
 Remote-code file: it imports only `torch`, `transformers` and its sibling `configuration_qtsplus`.
 """
 
+import copy
 import math
+import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import Qwen2_5_VLForConditionalGeneration, initialization
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_qtsplus import QTSplusConfig
 
@@ -89,7 +92,8 @@ class QTSplusInputs:
         inputs_embeds: `[batch, S', D]`, text embeddings and re-encoded kept video tokens.
         attention_mask: `[batch, S']`.
         position_ids: `[4, batch, S']`, a text row (for mask construction, as `generate` builds it) then the
-            temporal / height / width MRoPE rows; kept tokens keep their original positions.
+            temporal / height / width MRoPE rows; kept tokens keep their original positions (position mode
+            `"sequential"`: every row is 0, 1, 2, ... over the attended tokens).
         labels: `[batch, S']` or None.
         rope_deltas: `[batch, 1]`, next MRoPE position minus the number of attended prefill tokens.
         selection: the per-video selection.
@@ -335,7 +339,12 @@ class QTSplusSelector(nn.Module):
         self.reencode_layers = nn.ModuleList(
             [QTSplusReencodeLayer(config) for _ in range(config.qtsplus_num_reencode_layers)]
         )
-        use_time = config.qtsplus_time_embedding and config.qtsplus_num_reencode_layers > 0
+        # The released checkpoints (sequential positions) were trained without a time input.
+        use_time = (
+            config.qtsplus_time_embedding
+            and config.qtsplus_num_reencode_layers > 0
+            and config.qtsplus_position_mode == "mrope"
+        )
         self.time_embedding = QTSplusTimeEmbedding(config) if use_time else None
         # Running mean of ρ over training, the reference of the smoothness loss (not saved with the weights).
         self.register_buffer("rho_sum", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -650,14 +659,6 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         inputs_embeds = inputs_embeds.masked_scatter(
             (video_positions & sequence_keep)[..., None], kept_tokens.to(inputs_embeds.dtype)
         )
-        position_ids, _ = self.model.get_rope_index(
-            input_ids,
-            mm_token_type_ids=mm_token_type_ids,
-            image_grid_thw=image_grid_thw,
-            video_grid_thw=video_grid_thw,
-            second_per_grid_ts=second_per_grid_ts,
-            attention_mask=attention_mask,
-        )
         new_lengths = sequence_keep.sum(-1)
         length = int(new_lengths.max())
         right_padded = bool((attention_mask[:, -1] == 0).any())
@@ -666,11 +667,25 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             destination = destination + (length - new_lengths)[:, None]
         compact = partial(compact_rows, keep=sequence_keep, destination=destination, length=length)
         new_attention_mask = compact(attention_mask, pad_value=0)
-        mrope_positions = compact(position_ids.permute(1, 2, 0), pad_value=0).permute(2, 0, 1)
         text_positions = (new_attention_mask.long().cumsum(-1) - 1).masked_fill(new_attention_mask == 0, 0)
-        # Decoding continues after the largest stock position, which a dropped video token may have held.
-        next_position = position_ids.masked_fill(attention_mask[None] == 0, 0).amax(dim=(0, 2)) + 1
-        rope_deltas = (next_position - new_attention_mask.sum(-1))[:, None]
+        if self.config.qtsplus_position_mode == "sequential":
+            # The released checkpoints' LM saw the spliced sequence as plain text: 0, 1, 2, ... on every rotary
+            # axis, so decoding continues at the attended length (rope_deltas 0).
+            mrope_positions = text_positions[None].expand(3, -1, -1)
+            rope_deltas = torch.zeros_like(new_lengths)[:, None]
+        else:
+            position_ids, _ = self.model.get_rope_index(
+                input_ids,
+                mm_token_type_ids=mm_token_type_ids,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                second_per_grid_ts=second_per_grid_ts,
+                attention_mask=attention_mask,
+            )
+            mrope_positions = compact(position_ids.permute(1, 2, 0), pad_value=0).permute(2, 0, 1)
+            # Decoding continues after the largest stock position, which a dropped video token may have held.
+            next_position = position_ids.masked_fill(attention_mask[None] == 0, 0).amax(dim=(0, 2)) + 1
+            rope_deltas = (next_position - new_attention_mask.sum(-1))[:, None]
 
         kept_per_video = keep.sum(-1).tolist()
         selection = QTSplusSelection(
@@ -903,28 +918,48 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
     ) -> "QTSplusQwen2_5_VLForConditionalGeneration":
         """Wrap a stock Qwen2.5-VL (an in-memory model, a local directory or a Hub id) into a QTSplus model.
 
-        All stock weights are copied; the selector is initialised from LM decoder layers with zero re-encoder
-        residuals, so with `qtsplus_keep_ratio=1.0` the logits equal the stock model's.
-        `config_overrides` set `qtsplus_*` fields (for example `qtsplus_max_tokens=1024`).
+        All stock weights are copied (an in-memory model is left untouched; one loaded here is handed over without a
+        copy); the selector is initialised from LM decoder layers with zero re-encoder residuals, so with
+        `qtsplus_keep_ratio=1.0` the logits equal the stock model's. `config_overrides` set `qtsplus_*` fields (for
+        example `qtsplus_max_tokens=1024`); `qtsplus_base_model` defaults to the stock model's Hub id, if it has one.
         """
         unknown = sorted(key for key in config_overrides if not key.startswith("qtsplus_"))
         if unknown:
             raise ValueError(f"from_qwen2_5_vl only takes qtsplus_* overrides, got {unknown}")
         stock = model_or_path
         if not isinstance(stock, Qwen2_5_VLForConditionalGeneration):
+            # The stock class knows the legacy key layouts of Hub checkpoints (`visual.*`, `model.layers.*`).
             stock = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_or_path)
+            state_dict = stock.state_dict()
+            # A Hub id is the base model a model card can link to; a local folder is not.
+            config_overrides.setdefault("qtsplus_base_model", None if os.path.isdir(model_or_path) else model_or_path)
+        else:
+            state_dict = {name: tensor.clone() for name, tensor in stock.state_dict().items()}
+            name = stock.config.name_or_path
+            config_overrides.setdefault("qtsplus_base_model", None if not name or os.path.isdir(name) else name)
         config_dict = stock.config.to_dict()
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             config_dict.pop(key, None)
         config = QTSplusConfig(**config_dict, **config_overrides)
-        config._attn_implementation = stock.config._attn_implementation
-        model = cls._from_config(config, dtype=stock.dtype).to(stock.device)
-        missing, unexpected = model.load_state_dict(stock.state_dict(), strict=False)
-        if unexpected or any(not key.startswith("qtsplus.") for key in missing):
-            raise ValueError(f"checkpoint does not fit Qwen2.5-VL: missing {missing}, unexpected {unexpected}")
+        # from_pretrained builds on the meta device and initialises only what the state dict lacks (the selector):
+        # no second random initialisation of a multi-billion-parameter model.
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # its load report would call the selector keys, missing by design, a problem
+        try:
+            model, loading = cls.from_pretrained(
+                None, config=config, state_dict=state_dict, dtype=stock.dtype,
+                attn_implementation=stock.config._attn_implementation, output_loading_info=True,
+            )
+        finally:
+            logging.set_verbosity(verbosity)
+        missing, unexpected = loading["missing_keys"], loading["unexpected_keys"]
+        if unexpected or any(not key.startswith("qtsplus.") for key in missing) or loading["mismatched_keys"]:
+            raise ValueError(f"checkpoint does not fit Qwen2.5-VL: missing {sorted(missing)}, unexpected "
+                             f"{sorted(unexpected)}, mismatched {sorted(loading['mismatched_keys'])}")
+        model.to(stock.device)
         model.initialize_selector_from_language_model()
-        model.generation_config = stock.generation_config
-        return model.eval() if not stock.training else model
+        model.generation_config = copy.deepcopy(stock.generation_config)
+        return model.train() if stock.training else model.eval()
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, with `auto_map` for every Auto class this model serves."""

@@ -1,0 +1,158 @@
+"""`qtsplus export`, `qtsplus push` and `qtsplus convert`: Hub folders from QTSplus, stock or released checkpoints."""
+
+import argparse
+import os
+
+
+def _human_size(size: int) -> str:
+    scaled, unit = float(size), "B"
+    for larger in ("KiB", "MiB", "GiB"):
+        if scaled < 1024:
+            break
+        scaled, unit = scaled / 1024, larger
+    return f"{size} B" if unit == "B" else f"{scaled:.1f} {unit}"
+
+
+def _print_files(files: list[tuple[str, int]]) -> None:
+    for path, size in files:
+        print(f"  {_human_size(size):>10}  {path}")
+    print(f"  {_human_size(sum(size for _, size in files)):>10}  total, {len(files)} files")
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="new Hub folder to write (must not exist or be empty)")
+    parser.add_argument("--base-model", default=None,
+                        help="Hub id of the source checkpoint for the card's base_model (default: recorded in config)")
+    parser.add_argument("--repo-id", default=None, help="Hub id the card's usage snippets name")
+    parser.add_argument("--license", default="apache-2.0", help="license in the card's metadata (default apache-2.0)")
+    parser.add_argument("--max-shard-size", default="5GB", help="split the weights above this size (default 5GB)")
+
+
+def _check_output_options(args: argparse.Namespace, base_model: str | None) -> None:
+    """Fail on a bad --out or base model before any weights are read."""
+    from .hub import check_base_model, check_output_folder
+
+    check_base_model(base_model)
+    check_output_folder(args.out)
+
+
+def _write(model, processor, args: argparse.Namespace) -> None:
+    from .hub import hub_folder_files, write_hub_folder
+
+    out = write_hub_folder(model, processor, args.out, base_model=args.base_model, repo_id=args.repo_id,
+                           license=args.license, max_shard_size=args.max_shard_size)
+    print(f"wrote {out}")
+    _print_files(hub_folder_files(out))
+
+
+def run_export(args: argparse.Namespace) -> None:
+    """A saved QTSplus checkpoint folder -> a complete Hub folder."""
+    import json
+
+    config_path = os.path.join(args.model, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"no config.json in {args.model}")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if config.get("model_type") != "qtsplus_qwen2_5_vl":
+        raise ValueError(f"{args.model} is not a QTSplus checkpoint (model_type {config.get('model_type')!r}); "
+                         "use `qtsplus convert --from qwen2_5_vl` or `--from official`")
+    _check_output_options(args, args.base_model or config.get("qtsplus_base_model"))
+    from .convert import load_processor
+    from .modeling_qtsplus_qwen2_5_vl import QTSplusQwen2_5_VLForConditionalGeneration
+
+    processor = load_processor(args.model)
+    model = QTSplusQwen2_5_VLForConditionalGeneration.from_pretrained(args.model)
+    _write(model, processor, args)
+
+
+def run_push(args: argparse.Namespace) -> None:
+    """Validate a Hub folder, then (unless --dry-run) create the repository and upload it."""
+    from huggingface_hub.utils import validate_repo_id
+
+    from .hub import push_hub_folder, validate_hub_folder
+
+    validate_repo_id(args.repo_id)
+    files = validate_hub_folder(args.model)
+    target = f"{args.repo_id} ({'private' if args.private else 'public'}, revision {args.revision or 'main'})"
+    if args.dry_run:
+        print(f"dry run: {args.model} is valid; would upload to {target}:")
+        _print_files(files)
+        return
+    print(f"uploading {len(files)} files to {target}")
+    try:
+        url = push_hub_folder(args.model, args.repo_id, private=args.private, revision=args.revision)
+    except OSError as error:  # HTTP and offline errors: their first line says what happened
+        raise OSError(str(error).strip().splitlines()[0]) from error
+    print(f"pushed: {url}")
+
+
+def _qtsplus_overrides(args: argparse.Namespace) -> dict:
+    names = {
+        "max_tokens": "qtsplus_max_tokens", "rho_min": "qtsplus_rho_min", "rho_max": "qtsplus_rho_max",
+        "scoring_layers": "qtsplus_num_scoring_layers", "reencode_layers": "qtsplus_num_reencode_layers",
+        "position_mode": "qtsplus_position_mode",
+    }
+    overrides = {field: getattr(args, name) for name, field in names.items() if getattr(args, name) is not None}
+    if args.base_model:
+        overrides["qtsplus_base_model"] = args.base_model
+    return overrides
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    """A stock Qwen2.5-VL or a released QTSplus checkpoint -> a QTSplus Hub folder."""
+    from .convert import from_official_checkpoint, load_processor
+    from .modeling_qtsplus_qwen2_5_vl import QTSplusQwen2_5_VLForConditionalGeneration
+
+    overrides = _qtsplus_overrides(args)
+    processor_source = args.processor or args.source
+    is_local = os.path.isdir(args.source)
+    if args.source_format == "official" and not is_local:
+        raise ValueError(f"checkpoint folder not found: {args.source} (--from official reads a local folder)")
+    # A Hub id names its own base model; a local folder does not.
+    _check_output_options(args, args.base_model or (None if is_local else args.source))
+    if args.source_format == "official":
+        for flag, value in (("--scoring-layers", args.scoring_layers), ("--reencode-layers", args.reencode_layers),
+                            ("--position-mode", args.position_mode)):
+            if value is not None:
+                raise ValueError(f"{flag} does not apply to --from official: the released weights fix it")
+        model = from_official_checkpoint(args.source, base_config=args.base_config, **overrides)
+    else:
+        if args.base_config is not None:
+            raise ValueError("--base-config applies to --from official only")
+        model = QTSplusQwen2_5_VLForConditionalGeneration.from_qwen2_5_vl(args.source, **overrides)
+    _write(model, load_processor(processor_source), args)
+
+
+def add_hub_commands(commands) -> None:
+    """Register `export`, `push` and `convert` on the `qtsplus` sub-command parsers."""
+    from .cli import keep_ratio, positive_int
+
+    export = commands.add_parser("export", help="write a complete Hub folder from a saved QTSplus checkpoint")
+    export.add_argument("--model", required=True, help="QTSplus checkpoint folder (weights, config, processor)")
+    _add_output_options(export)
+    export.set_defaults(handler=run_export)
+
+    push = commands.add_parser("push", help="upload a Hub folder (validated first; --dry-run checks offline)")
+    push.add_argument("--model", required=True, help="Hub folder written by `qtsplus export` or `qtsplus convert`")
+    push.add_argument("--repo-id", required=True, help="target repository, e.g. user/qtsplus-qwen2.5-vl-3b")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
+    push.add_argument("--dry-run", action="store_true", help="validate and list the files; no network")
+    push.set_defaults(handler=run_push)
+
+    convert = commands.add_parser("convert", help="convert a Qwen2.5-VL or a released QTSplus checkpoint")
+    convert.add_argument("--from", dest="source_format", required=True, choices=("qwen2_5_vl", "official"),
+                         help="qwen2_5_vl: a stock Qwen2.5-VL; official: the paper's released QTSplus checkpoints")
+    convert.add_argument("source", help="checkpoint folder (a Hub id also works with --from qwen2_5_vl)")
+    convert.add_argument("--processor", default=None, help="folder with the processor files (default: SOURCE)")
+    convert.add_argument("--base-config", default=None,
+                         help="official only: stock Qwen2.5-VL config.json (or folder) for the vision settings")
+    convert.add_argument("--max-tokens", type=positive_int, default=None, help="n_max, the most tokens kept")
+    convert.add_argument("--rho-min", type=keep_ratio, default=None)
+    convert.add_argument("--rho-max", type=keep_ratio, default=None)
+    convert.add_argument("--scoring-layers", type=positive_int, default=None)
+    convert.add_argument("--reencode-layers", type=int, default=None)
+    convert.add_argument("--position-mode", choices=("mrope", "sequential"), default=None)
+    _add_output_options(convert)
+    convert.set_defaults(handler=run_convert)
