@@ -11,7 +11,9 @@ import torch
 from conftest import write_mp4
 
 from qtsplus_hf.cli import main
-from qtsplus_hf.data import VideoQACollator, load_video_qa, normalize_row, question_text
+from qtsplus_hf.data import (
+    MULTIPLE_CHOICE_INSTRUCTION, VideoQACollator, load_video_qa, normalize_row, question_text,
+)
 from qtsplus_hf.evaluation import evaluate_multiple_choice, option_letter_token_ids
 from qtsplus_hf.tiny import VIDEO_ID
 from qtsplus_hf.training import (
@@ -70,7 +72,7 @@ def test_full_training_lowers_the_loss_and_logs_every_term(qa_folder, tiny_check
     assert last < first - 1.0, (first, last)  # from ~ln(vocabulary size)
     assert all(0.05 <= entry["rho"] <= 0.5 for entry in logs)  # the paper's ρ range
     assert os.path.isfile(os.path.join(options.output, "model.safetensors"))
-    assert not [name for name in os.listdir(tmp_path) if name.startswith(".qtsplus-train-")]  # staging removed
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".qtsplus-")]  # staging removed
 
 
 def test_training_at_a_fixed_keep_ratio_keeps_that_share(qa_folder, tiny_checkpoint, tmp_path):
@@ -148,7 +150,7 @@ def test_lora_mode_changes_only_lora_and_selector_and_round_trips(qa_folder, tin
         "with torch.no_grad():\n"
         f"    torch.save(model(**batch).logits, {str(tmp_path / 'merged_logits.pt')!r})\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path, capture_output=True)
     torch.testing.assert_close(torch.load(tmp_path / "merged_logits.pt"), expected, rtol=1e-4, atol=1e-4)
 
@@ -171,10 +173,43 @@ def test_cli_train_lora_with_merge_and_gradient_checkpointing(qa_folder, tiny_ch
         torch.testing.assert_close(merged.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
 
 
+def test_torchrun_two_processes_write_one_complete_checkpoint(qa_folder, tiny_checkpoint, tmp_path):
+    """DDP on the CPU (gloo): nothing extra from the project, no unused-parameter error with activation
+    checkpointing and a fixed keep ratio, and only the main process writes the output."""
+    output = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        "-m", "qtsplus_hf.cli", "train", "--model", tiny_checkpoint, "--data", str(qa_folder / "train.jsonl"),
+        "--video-root", str(qa_folder), "--output", str(output), "--mode", "selector", "--max-steps", "2",
+        "--gradient-checkpointing", "--keep-ratio", "0.5",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.stdout.count("trained on 8 rows") == 2  # both processes trained
+    assert {"config.json", "model.safetensors", "processor_config.json"} <= set(os.listdir(output))
+    assert [name for name in os.listdir(tmp_path) if name.startswith(".qtsplus-")] == []
+
+
 def test_bf16_training_runs_on_this_device(qa_folder, tiny_checkpoint, tmp_path):
     result = train(options_for(qa_folder, tiny_checkpoint, tmp_path, mode="lora", bf16=True, max_steps=2))
     losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_a_bf16_checkpoint_trains_its_selector_in_float32(qa_folder, tiny_checkpoint, tmp_path):
+    from safetensors import safe_open
+
+    from qtsplus_hf import save_checkpoint
+
+    model, processor = load_model_and_processor(tiny_checkpoint)
+    save_checkpoint(model.to(torch.bfloat16), processor, tmp_path / "bf16")
+    options = options_for(qa_folder, str(tmp_path / "bf16"), tmp_path, mode="selector", max_steps=2)
+    train(options)
+    with safe_open(os.path.join(options.output, "model.safetensors"), "pt") as weights:
+        dtypes = {name: weights.get_slice(name).get_dtype() for name in weights.keys()}
+    budget = "qtsplus.budget.mlp.0.weight"
+    assert dtypes[budget] == "F32" and dtypes["lm_head.weight"] == "BF16"
 
 
 def test_eval_accuracy_matches_a_hand_count(qa_folder, tiny_checkpoint, tmp_path):
@@ -251,6 +286,8 @@ def test_data_without_usable_rows_fails_in_one_line(tmp_path, tiny_checkpoint, c
     assert not output.exists()
     assert main(["eval", "--model", tiny_checkpoint, "--data", str(tmp_path / "none.jsonl")]) == 2
     assert "data file not found" in capsys.readouterr().err
+    assert main(["eval", "--model", tiny_checkpoint, "--data", str(data_file), "--device", "warp-drive"]) == 2
+    assert capsys.readouterr().err.startswith("qtsplus eval: error: --device")
 
 
 def test_qtsplus_dataset_style_rows_and_other_layouts_normalise(tmp_path):
@@ -294,5 +331,6 @@ def test_labels_cover_only_the_answer_and_the_query_mask_only_the_question(qa_fo
     for index, row in enumerate(rows):
         ids = batch["input_ids"][index]
         assert tokenizer.decode(ids[batch["labels"][index] != -100]) == row["answer"] + "<|im_end|>"
-        assert tokenizer.decode(ids[batch["qtsplus_query_mask"][index]]) == question_text(row)
+        question_and_options = question_text(row).removesuffix(MULTIPLE_CHOICE_INSTRUCTION)
+        assert tokenizer.decode(ids[batch["qtsplus_query_mask"][index]]) == question_and_options
     assert batch["attention_mask"][:, 0].all()  # right padding for training

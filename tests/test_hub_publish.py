@@ -190,3 +190,14 @@ def test_export_refuses_a_non_empty_folder_and_leaves_nothing_on_failure(tiny_ch
                  "--base-model", str(tmp_path / "taken")]) == 2
     assert "not a Hub model id" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["taken"]
+
+
+def test_base_model_must_be_a_hub_id_but_may_share_a_local_folder_name(tmp_path, monkeypatch):
+    from qtsplus_hf.hub import check_base_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Qwen" / "Qwen2.5-VL-3B-Instruct").mkdir(parents=True)  # a `--local-dir` download of the same name
+    assert check_base_model("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"
+    for path in (str(tmp_path / "Qwen" / "Qwen2.5-VL-3B-Instruct"), "./Qwen/Qwen2.5-VL-3B-Instruct", None):
+        with pytest.raises(ValueError, match="--base-model"):
+            check_base_model(path)

@@ -59,16 +59,20 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def write_json_atomically(path: str, payload: dict) -> None:
+    """Write JSON beside `path`, then rename: the file appears complete or not at all (with the umask's mode)."""
     directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".json", delete=False) as handle:
-        temporary = handle.name
-        try:
+    handle = tempfile.NamedTemporaryFile("w", dir=directory, suffix=".json", delete=False)
+    try:
+        with handle:
             json.dump(payload, handle, indent=2)
-        except (TypeError, ValueError):
-            handle.close()
-            os.remove(temporary)
-            raise
-    os.replace(temporary, path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(handle.name, 0o666 & ~umask)  # NamedTemporaryFile creates it private (0600)
+        os.replace(handle.name, path)
+    except BaseException:
+        if os.path.exists(handle.name):
+            os.remove(handle.name)
+        raise
 
 
 class StageTimer:
@@ -187,7 +191,16 @@ def run_eval(args: argparse.Namespace) -> None:
     from .evaluation import evaluate_multiple_choice
     from .training import load_model_and_processor
 
+    import torch
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise ValueError(f"--device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available")
     model, processor = load_model_and_processor(args.model)
+    model.to(device)
     data = load_video_qa(args.data, args.video_root)
     rows = data.rows[: args.limit] if args.limit else data.rows
     result = evaluate_multiple_choice(model, processor, rows, args.keep_ratio, args.fps, args.max_frames)
@@ -235,6 +248,7 @@ def add_eval_parser(commands) -> None:
     evaluation.add_argument("--fps", type=float, default=None)
     evaluation.add_argument("--max-frames", type=positive_int, default=None)
     evaluation.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N usable rows")
+    evaluation.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     evaluation.add_argument("--json", default=None, help="write metrics and per-question predictions here")
     evaluation.set_defaults(handler=run_eval)
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .processing_qtsplus import MULTIPLE_CHOICE_INSTRUCTION
 from .video_qtsplus import load_video_for_processor
 
 
@@ -33,7 +34,6 @@ logger = logging.getLogger(__name__)
 LETTERS = string.ascii_uppercase
 VIDEO_KEYS = ("video", "video_path", "vision_id")
 TYPE_KEYS = ("type", "question_type", "qa_type", "task")
-MULTIPLE_CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """Writing, checking and publishing QTSplus checkpoint folders that load anywhere with trust_remote_code."""
 
 import ast
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 
 from transformers.dynamic_module_utils import custom_object_save
 
@@ -64,7 +66,8 @@ def check_base_model(base_model: str | None) -> str:
     if not base_model:
         raise ValueError("the base model is unknown (config.qtsplus_base_model is not set): pass --base-model")
     try:
-        if os.path.exists(base_model):
+        # "Qwen/Qwen2.5-VL-3B-Instruct" may also be a local download folder: only explicit paths are refused.
+        if os.path.isabs(base_model) or base_model.startswith((".", "~")):
             raise HFValidationError("it is a local path")
         validate_repo_id(base_model)
     except HFValidationError as error:
@@ -91,25 +94,36 @@ def write_hub_folder(
     from .hub_card import render_model_card
 
     base_model = check_base_model(base_model or model.config.qtsplus_base_model)
-    out_dir = check_output_folder(out_dir)
-    model.config.qtsplus_base_model = base_model
-    staging = tempfile.mkdtemp(prefix=".qtsplus-export-", dir=os.path.dirname(out_dir))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's private 0700 would otherwise become the output folder's mode
-    try:
+    with staged_output_folder(out_dir) as staging:
+        model.config.qtsplus_base_model = base_model
         save_checkpoint(model, processor, staging, max_shard_size=max_shard_size)
         card = render_model_card(model, base_model=base_model, repo_id=repo_id, license=license)
         with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(card)
         validate_hub_folder(staging)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty, checked above
-        os.replace(staging, out_dir)
-    except BaseException:
+    return os.path.abspath(out_dir)
+
+
+@contextlib.contextmanager
+def staged_output_folder(
+    out_dir: str | os.PathLike, publish: Callable[[], bool] | None = None
+) -> Iterator[str]:
+    """Yield a hidden staging folder beside `out_dir` (checked with `check_output_folder`); on success it becomes
+    `out_dir`, on failure it is removed: the output appears complete or not at all. `publish`, asked on success,
+    can keep it from becoming the output (under torchrun, every process but the main one)."""
+    out_dir = check_output_folder(out_dir)
+    staging = tempfile.mkdtemp(prefix=".qtsplus-", dir=os.path.dirname(out_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's private 0700 would otherwise become the output folder's mode
+    try:
+        yield staging
+        if publish is None or publish():
+            if os.path.isdir(out_dir):
+                os.rmdir(out_dir)  # empty, checked above
+            os.replace(staging, out_dir)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -270,5 +284,7 @@ def push_hub_folder(
     commit = upload_folder(
         repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message,
         ignore_patterns=PUSH_IGNORE_PATTERNS, repo_type="model",
+        # Weights re-exported with other sharding must not leave stale shards next to the new ones.
+        delete_patterns=["*.safetensors", "*.safetensors.index.json"],
     )
     return commit.commit_url

@@ -66,6 +66,16 @@ def run_export(args: argparse.Namespace) -> None:
     _write(model, processor, args)
 
 
+def _http_client_error() -> type[Exception]:
+    """The base error of the HTTP client huggingface_hub uses: httpx for hub 1.x, its successor httpx2 for 2.x.
+    Connection failures raise it directly, not as an `OSError`."""
+    try:
+        from httpx import HTTPError
+    except ImportError:
+        from httpx2 import HTTPError
+    return HTTPError
+
+
 def run_push(args: argparse.Namespace) -> None:
     """Validate a Hub folder, then (unless --dry-run) create the repository and upload it."""
     from huggingface_hub.utils import validate_repo_id
@@ -74,7 +84,8 @@ def run_push(args: argparse.Namespace) -> None:
 
     validate_repo_id(args.repo_id)
     files = validate_hub_folder(args.model)
-    target = f"{args.repo_id} ({'private' if args.private else 'public'}, revision {args.revision or 'main'})"
+    visibility = "private if new" if args.private else "the Hub's default visibility if new"
+    target = f"{args.repo_id} ({visibility}, revision {args.revision or 'main'})"
     if args.dry_run:
         print(f"dry run: {args.model} is valid; would upload to {target}:")
         _print_files(files)
@@ -82,7 +93,7 @@ def run_push(args: argparse.Namespace) -> None:
     print(f"uploading {len(files)} files to {target}")
     try:
         url = push_hub_folder(args.model, args.repo_id, private=args.private, revision=args.revision)
-    except OSError as error:  # HTTP and offline errors: their first line says what happened
+    except (OSError, _http_client_error()) as error:  # HTTP, connection, offline: the first line says what happened
         raise OSError(str(error).strip().splitlines()[0]) from error
     print(f"pushed: {url}")
 
@@ -116,12 +127,14 @@ def run_convert(args: argparse.Namespace) -> None:
                             ("--position-mode", args.position_mode)):
             if value is not None:
                 raise ValueError(f"{flag} does not apply to --from official: the released weights fix it")
+    elif args.base_config is not None:
+        raise ValueError("--base-config applies to --from official only")
+    processor = load_processor(processor_source)  # before the weights: bad processor files fail in seconds
+    if args.source_format == "official":
         model = from_official_checkpoint(args.source, base_config=args.base_config, **overrides)
     else:
-        if args.base_config is not None:
-            raise ValueError("--base-config applies to --from official only")
         model = QTSplusQwen2_5_VLForConditionalGeneration.from_qwen2_5_vl(args.source, **overrides)
-    _write(model, load_processor(processor_source), args)
+    _write(model, processor, args)
 
 
 def add_hub_commands(commands) -> None:

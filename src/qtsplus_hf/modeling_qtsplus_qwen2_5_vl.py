@@ -920,7 +920,8 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
 
         All stock weights are copied (an in-memory model is left untouched; one loaded here is handed over without a
         copy); the selector is initialised from LM decoder layers with zero re-encoder residuals, so with
-        `qtsplus_keep_ratio=1.0` the logits equal the stock model's. `config_overrides` set `qtsplus_*` fields (for
+        `qtsplus_keep_ratio=1.0` the logits equal the stock model's (position mode `"mrope"`; `"sequential"` changes
+        the positions the LM sees). `config_overrides` set `qtsplus_*` fields (for
         example `qtsplus_max_tokens=1024`); `qtsplus_base_model` defaults to the stock model's Hub id, if it has one.
         """
         unknown = sorted(key for key in config_overrides if not key.startswith("qtsplus_"))

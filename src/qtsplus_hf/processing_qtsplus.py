@@ -9,11 +9,17 @@ from transformers import Qwen2_5_VLProcessor
 from transformers.feature_extraction_utils import BatchFeature
 
 
+# The answer-format line of multiple-choice prompts (the common Qwen2.5-VL evaluation wording). It says nothing about
+# which moments matter, so it is not part of the question the selector scores by.
+MULTIPLE_CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
 class QTSplusProcessor(Qwen2_5_VLProcessor):
     r"""
     A [`Qwen2_5_VLProcessor`] whose outputs carry `qtsplus_query_mask` (bool `[batch, seq]`): the text content of the
-    user messages, the question QTSplus scores the video by. The system prompt, role markers, vision tokens and
-    anything in an assistant turn are not part of it. Text without chat markers counts as one user message.
+    user messages, the question QTSplus scores the video by. The system prompt, role markers, vision tokens, the
+    multiple-choice answer-format line (`MULTIPLE_CHOICE_INSTRUCTION`) and anything in an assistant turn are not part
+    of it. Text without chat markers counts as one user message.
 
     `apply_chat_template(..., tokenize=True, return_dict=True)` calls the processor, so it carries the mask too.
     """
@@ -53,7 +59,18 @@ class QTSplusProcessor(Qwen2_5_VLProcessor):
                 ends = (ids[content_start:] == im_end).nonzero()
                 content_end = content_start + int(ends[0]) if len(ends) else len(ids)
                 mask[row, content_start:content_end] = True
-        return mask & ~torch.isin(input_ids, vision_ids)
+        return mask & ~torch.isin(input_ids, vision_ids) & ~self._instruction_tokens(input_ids)
+
+    def _instruction_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Bool `[batch, seq]`: where `MULTIPLE_CHOICE_INSTRUCTION` occurs as a token sequence."""
+        found = torch.zeros_like(input_ids, dtype=torch.bool)
+        pattern = torch.tensor(self.tokenizer.encode(MULTIPLE_CHOICE_INSTRUCTION, add_special_tokens=False))
+        if len(pattern) > input_ids.shape[1]:
+            return found
+        windows = input_ids.unfold(1, len(pattern), 1)  # [batch, seq - P + 1, P]
+        for row, start in (windows == pattern.to(input_ids.device)).all(-1).nonzero().tolist():
+            found[row, start : start + len(pattern)] = True
+        return found
 
     def _role_header(self, ids: torch.Tensor, start: int) -> tuple[str, int]:
         """The role after `<|im_start|>` at `start` (it ends at the first newline) and where the content begins."""
@@ -69,4 +86,4 @@ class QTSplusProcessor(Qwen2_5_VLProcessor):
         return super().model_input_names + ["qtsplus_query_mask"]
 
 
-__all__ = ["QTSplusProcessor"]
+__all__ = ["MULTIPLE_CHOICE_INSTRUCTION", "QTSplusProcessor"]

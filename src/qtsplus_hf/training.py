@@ -8,8 +8,6 @@ gradient are frozen, so DDP needs no `find_unused_parameters`.
 
 import os
 import re
-import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -19,12 +17,13 @@ from transformers import Trainer, TrainingArguments
 
 from .configuration_qtsplus import QTSplusConfig
 from .data import VideoQACollator, load_video_qa
-from .hub import save_checkpoint
+from .hub import check_output_folder, save_checkpoint, staged_output_folder
 from .modeling_qtsplus_qwen2_5_vl import QTSplusQwen2_5_VLForConditionalGeneration
 from .processing_qtsplus import QTSplusProcessor
 
 
 MODES = ("selector", "lora", "full")
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 # The language model's attention and MLP projections; anchored on `language_model` so the selector's own
 # q/k/v/o projections (trained in full through `modules_to_save`) are not matched.
 LORA_TARGET_MODULES = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -92,18 +91,22 @@ def load_model_and_processor(path: str) -> tuple[QTSplusQwen2_5_VLForConditional
     return model, processor
 
 
-def parameters_without_gradient(model: torch.nn.Module) -> list[str]:
+def parameters_without_gradient(model: torch.nn.Module, keep_ratio: float | None = None) -> list[str]:
     """Names of selector parameters no loss reaches: the last scoring layer contributes only its attention
     probabilities (`q_norm`, `kv_norm`, `q_proj`, `k_proj`), so its value/output projections and feed-forward
-    stay unused. They exist to hold the released checkpoints' weights."""
+    stay unused (they exist to hold the released checkpoints' weights); at a fixed `keep_ratio` the budget head
+    is unused too. Freezing them lets DDP run without `find_unused_parameters`."""
     last = None
     for name, _ in model.named_modules():
         match = re.search(r"(.*scoring_layers)\.(\d+)$", name)
         if match:
             last = max(last or 0, int(match.group(2)))
-    if last is None:
+    patterns = [rf"scoring_layers\.{last}\.(v_proj|o_proj|ffn_norm|ffn)\."] if last is not None else []
+    if keep_ratio is not None:
+        patterns.append(r"qtsplus\.(modules_to_save\.default\.)?budget\.")
+    if not patterns:
         return []
-    unused = re.compile(rf"scoring_layers\.{last}\.(v_proj|o_proj|ffn_norm|ffn)\.")
+    unused = re.compile("|".join(patterns))
     return [name for name, _ in model.named_parameters() if unused.search(name)]
 
 
@@ -120,10 +123,13 @@ def prepare_model_for_mode(model, options: TrainOptions):
     else:
         model.requires_grad_(options.mode == "full")
         model.qtsplus.requires_grad_(True)
-    unused = set(parameters_without_gradient(model))
+    unused = set(parameters_without_gradient(model, options.keep_ratio))
     for name, parameter in model.named_parameters():
         if name in unused:
             parameter.requires_grad_(False)
+        elif parameter.requires_grad and parameter.dtype in HALF_DTYPES:
+            # Trained weights stay in float32 (bf16 rounds small optimizer steps away); mixed precision is autocast's.
+            parameter.data = parameter.data.float()
     return model
 
 
@@ -172,7 +178,11 @@ def _checkpointing_arguments(enabled: bool) -> dict:
     return {prefix: True, f"{prefix}_kwargs": {"use_reentrant": False}}
 
 
-def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArguments:
+def training_arguments(
+    options: TrainOptions, output_dir: str, half_dtype: torch.dtype | None = None
+) -> TrainingArguments:
+    """`half_dtype`: the checkpoint's bf16 / fp16, whose frozen weights then need autocast of the same kind."""
+    bf16 = options.bf16 or half_dtype == torch.bfloat16
     return TrainingArguments(
         output_dir=output_dir,
         num_train_epochs=options.epochs,
@@ -183,9 +193,11 @@ def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArgume
         warmup_steps=options.warmup_steps,
         weight_decay=options.weight_decay,
         **_checkpointing_arguments(options.gradient_checkpointing),
-        bf16=options.bf16,
-        # The Trainer accepts bf16 without a GPU only when told it runs on the CPU (CPU autocast).
-        use_cpu=options.bf16 and not torch.cuda.is_available(),
+        bf16=bf16,
+        fp16=half_dtype == torch.float16,
+        # Without an accelerator, say so: the Trainer then runs DDP over CPU processes (gloo) under torchrun and
+        # accepts bf16 (CPU autocast); otherwise every process would train alone.
+        use_cpu=not torch.accelerator.is_available(),
         logging_steps=options.logging_steps,
         save_strategy="no",
         report_to="none",
@@ -197,13 +209,14 @@ def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArgume
 
 
 def build_trainer(
-    model, processor: QTSplusProcessor, rows: Sequence[dict], options: TrainOptions, output_dir: str | None = None
+    model, processor: QTSplusProcessor, rows: Sequence[dict], options: TrainOptions, output_dir: str | None = None,
+    half_dtype: torch.dtype | None = None,
 ) -> QTSplusTrainer:
     """The Trainer for normalised rows (see `qtsplus_hf.data.normalize_row`)."""
     collator = VideoQACollator(
         processor, fps=options.fps, max_frames=options.max_frames, keep_ratio=options.keep_ratio
     )
-    arguments = training_arguments(options, output_dir or options.output)
+    arguments = training_arguments(options, output_dir or options.output, half_dtype)
     return QTSplusTrainer(model=model, args=arguments, train_dataset=list(rows), data_collator=collator)
 
 
@@ -220,15 +233,6 @@ def save_trained(model, processor: QTSplusProcessor, options: TrainOptions, dire
         save_checkpoint(model.merge_and_unload(), processor, directory)
 
 
-def _check_output_folder(path: str) -> None:
-    if os.path.isdir(path) and os.listdir(path):
-        raise ValueError(f"output folder {path} is not empty")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"output {path} exists and is not a folder")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise ValueError(f"the folder that would hold {path} does not exist")
-
-
 @dataclass
 class TrainResult:
     output: str
@@ -241,23 +245,22 @@ def train(options: TrainOptions, rows: Sequence[dict] | None = None) -> TrainRes
     """Fine-tune `options.model` on `options.data` (or on `rows` given directly, e.g. frames in memory).
 
     Everything is written into a staging folder next to `options.output` and moved into place at the end, so a
-    failed run leaves no half-written output.
+    failed run leaves no half-written output. Under torchrun / accelerate every process trains and the main process
+    alone writes the result.
     """
-    _check_output_folder(options.output)
+    check_output_folder(options.output)
     model, processor = load_model_and_processor(options.model)
     data = load_video_qa(options.data if rows is None else rows, options.video_root)
+    half_dtype = model.dtype if model.dtype in HALF_DTYPES else None
     torch.manual_seed(options.seed)
     model = prepare_model_for_mode(model, options)
-    staging = tempfile.mkdtemp(prefix=".qtsplus-train-", dir=os.path.dirname(os.path.abspath(options.output)))
-    try:
-        trainer = build_trainer(model, processor, data.rows, options, output_dir=staging)
+    trainer = None
+    with staged_output_folder(options.output, publish=lambda: trainer.is_world_process_zero()) as staging:
+        trainer = build_trainer(model, processor, data.rows, options, output_dir=staging, half_dtype=half_dtype)
         trainer.train()
-        save_trained(trainer.model, processor, options, staging)
-        if os.path.isdir(options.output):
-            os.rmdir(options.output)  # empty, checked above
-        os.replace(staging, options.output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            save_trained(trainer.model, processor, options, staging)
     return TrainResult(options.output, len(data.rows), len(data.skipped), trainer.state.log_history)
 
 
