@@ -186,6 +186,7 @@ def test_timestamps_reach_the_model_inputs():
     """Through the project's processor path: one temporal patch per second, second_per_grid_ts = 1, and the
     localisation answer is the temporal index of the evidence patch."""
     from qtsplus_hf.pipeline_video_text_to_text import video_question_inputs
+    from qtsplus_hf.processing_qtsplus import MULTIPLE_CHOICE_INSTRUCTION
     from qtsplus_hf.tiny import tiny_processor
 
     processor = tiny_processor(max_pixels=64 * 64, tokenizer=synthetic_tokenizer())
@@ -197,7 +198,7 @@ def test_timestamps_reach_the_model_inputs():
     assert np.array_equal(frames, sample.frames)  # 64x64 is a multiple of the pixel factor 8: no resize
     assert metadata.timestamps[sample.evidence_frames[0]] == int(sample.answer_text)
     question = processor.tokenizer.decode(inputs["input_ids"][0][inputs["qtsplus_query_mask"][0]])
-    assert question == sample.prompt
+    assert question == sample.prompt.removesuffix(MULTIPLE_CHOICE_INSTRUCTION)  # the format line is not scored
 
 
 @pytest.mark.parametrize("lossless", [True, False])
