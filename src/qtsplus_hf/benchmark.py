@@ -41,21 +41,23 @@ def scaled_qwen2_5_vl_3b(scale: int, vision_depth: int, text_layers: int, vocab_
 
     Kept from the 3B model: patch 14, temporal patch 2, merge 2, window 112 px, one full-attention vision layer per
     block of layers, 16 query / 2 key-value LM heads (GQA 8:1), mrope_section in the ratio 16:24:24 of the head
-    dimension, SwiGLU widths 2.67x (vision) and 5.375x (LM), the LM about 4x the vision encoder's parameters and about
-    its FLOPs per video token (the encoder sees 4 patches per LM token).
+    dimension, SwiGLU widths 2.67x (vision) and 5.375x (LM) the model width, vision width 5/8 of the LM's, the LM
+    several times the vision encoder's parameters with about its FLOPs per video token (the encoder sees 4 patches
+    per LM token).
     """
-    text_hidden, vision_hidden = 2048 // scale, 1280 // (scale // 2)
+    text_hidden, vision_hidden = 2048 // scale, 1280 // scale
     head_dim = text_hidden // 16
     section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]  # 16:24:24 of head_dim / 2 = 64 in 3B
     return dict(
         vision_config=dict(
-            depth=vision_depth, hidden_size=vision_hidden, intermediate_size=round(vision_hidden * 3420 / 1280 / 4) * 4,
+            depth=vision_depth, hidden_size=vision_hidden, intermediate_size=round(3420 / scale / 4) * 4,
+            # head_dim 16: the vision rotary embedding needs a multiple of 4 (3B: 16 heads of 80).
             num_heads=vision_hidden // 16, out_hidden_size=text_hidden, patch_size=14, temporal_patch_size=2,
             spatial_merge_size=2, window_size=112, fullatt_block_indexes=list(range(3, vision_depth, 4)),
             tokens_per_second=2,
         ),
         text_config=dict(
-            vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=round(text_hidden * 11008 / 2048),
+            vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=round(11008 / scale),
             num_hidden_layers=text_layers, num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": section},
             bos_token_id=PAD_ID, eos_token_id=IM_END_ID, pad_token_id=PAD_ID, tie_word_embeddings=True,
@@ -67,8 +69,8 @@ def scaled_qwen2_5_vl_3b(scale: int, vision_depth: int, text_layers: int, vocab_
 
 # Scaled so that a CPU run with ~16k vision tokens stays within minutes (small) or shows a larger model (medium).
 BENCH_CONFIGS = {
-    "small": dict(scale=8, vision_depth=4, text_layers=4, vocab_size=2048),
-    "medium": dict(scale=4, vision_depth=8, text_layers=8, vocab_size=4096),
+    "small": dict(scale=8, vision_depth=4, text_layers=6, vocab_size=2048),
+    "medium": dict(scale=4, vision_depth=8, text_layers=12, vocab_size=4096),
 }
 
 
@@ -96,10 +98,23 @@ class BenchSettings:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def quiet_progress_bars():
+    """transformers' weight loading / saving bars, one per memory process, would bury the bench's own lines."""
+    enabled = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers.utils.logging.enable_progress_bar()
+
+
 def load_stock(source: str, device: str, dtype: str) -> Qwen2_5_VLForConditionalGeneration:
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        source, dtype=DTYPES[dtype], attn_implementation="sdpa"
-    )
+    with quiet_progress_bars():
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            source, dtype=DTYPES[dtype], attn_implementation="sdpa"
+        )
     return model.to(device).eval()
 
 
@@ -394,7 +409,8 @@ def run_bench(settings: BenchSettings, model_dir: str | None = None, config_name
         if model_dir is None:
             torch.manual_seed(settings.seed)
             random_model = Qwen2_5_VLForConditionalGeneration(bench_config(config_name)).to(DTYPES[settings.dtype])
-            random_model.save_pretrained(scratch)  # the memory processes load these very weights
+            with quiet_progress_bars():
+                random_model.save_pretrained(scratch)  # the memory processes load these very weights
             del random_model
             source = scratch
         elif not os.path.isfile(os.path.join(model_dir, "config.json")):
