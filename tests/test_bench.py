@@ -85,3 +85,23 @@ def test_bench_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argume
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_analytic_selector_flops_match_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from qtsplus_hf.benchmark import analytic_costs
+    from qtsplus_hf.modeling_qtsplus_qwen2_5_vl import QTSplusSelector
+    from qtsplus_hf.tiny import tiny_qtsplus_config
+
+    config = tiny_qtsplus_config()
+    selector = QTSplusSelector(config).eval()
+    video, query = torch.randn(1, 200, 64), torch.randn(1, 7, 64)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        keep, *_ = selector(video, torch.ones(1, 200, dtype=torch.bool), query, torch.ones(1, 7, dtype=torch.bool),
+                            torch.zeros(1, 200), keep_ratio=0.11)
+    kept = int(keep.sum())
+    costs = analytic_costs(config, vision_tokens=200, kept_tokens=kept, text_tokens=9, question_tokens=7)
+    # The counter has no formula for the CPU flash-attention kernel of the re-encoder: add its 4 n^2 D by hand.
+    assert counter.get_total_flops() + 4 * kept * kept * 64 == costs["selector_flops"]

@@ -2,7 +2,9 @@
 
 For each frame count, three variants run on one synthetic video prompt: `stock` (`Qwen2_5_VLForConditionalGeneration`),
 `qtsplus_predicted` (the predicted budget) and `qtsplus_fixed` (keep ratio 0.11, the paper's 89% compression). Timed
-runs alternate the variants (A/B/C/A/B/C) after one warm-up run of each, and medians are reported. Peak memory is
+runs alternate the variants (A/B/C/A/B/C) after one warm-up run of each on a 2-frame video (what a warm-up removes,
+lazy initialisation and first-call allocations, does not depend on the video length, and a full-size one would
+add a fourth of the bench's time), and medians are reported. Peak memory is
 measured apart from the timed runs (see `measure_peak_memory`).
 """
 
@@ -15,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -307,9 +310,9 @@ def _vision_stage(model, inputs: dict, variant: str, chunk_frames: int | None):
 
 
 @torch.no_grad()
-def _cpu_memory_child(source: str, variant: str, frames: int, settings: BenchSettings) -> dict:
-    """Runs in a fresh process: load, warm up on a 2-frame video, then peak RSS deltas of the vision stage and of
-    the whole generate."""
+def _cpu_memory_child(source: str, variant: str, frames: int, settings: BenchSettings, stage: str) -> int:
+    """Runs in a fresh process: load, warm up on a 2-frame video, then the peak RSS delta of `stage` ("vision": the
+    vision encoder alone; "total": the whole generate)."""
     stock = load_stock(source, settings.device, settings.dtype)
     model = stock if variant == "stock" else qtsplus_from_stock(stock, settings.seed)
     del stock
@@ -321,19 +324,20 @@ def _cpu_memory_child(source: str, variant: str, frames: int, settings: BenchSet
         video_prompt(config, frames, settings.resolution, settings.question_tokens, settings.seed), "cpu",
         settings.dtype,
     )
-    vision = _peak_rss_delta(_vision_stage(model, inputs, variant, settings.vision_chunk_frames))
-    total = _peak_rss_delta(lambda: generate_fixed_length(model, inputs, variant, settings, None))
-    return {"peak_memory_bytes": total, "vision_peak_memory_bytes": vision}
+    if stage == "vision":
+        return _peak_rss_delta(_vision_stage(model, inputs, variant, settings.vision_chunk_frames))
+    return _peak_rss_delta(lambda: generate_fixed_length(model, inputs, variant, settings, None))
 
 
 def measure_peak_memory(source: str, model, inputs: dict, variant: str, frames: int, settings: BenchSettings) -> dict:
     """Peak memory above what was allocated before the run, of the vision stage and of the whole generate.
 
     CUDA: `max_memory_allocated` after `reset_peak_memory_stats`, in this process.
-    CPU: the peak resident set size in a fresh process per measurement, forked from a forkserver that has imported
-    torch but run nothing. In the benchmarking process itself the allocator keeps freed memory from earlier runs (of
-    any variant) resident, so a later run would reuse it and show too small a delta. The kernel's high-water mark
-    (VmHWM, reset through /proc/self/clear_refs) catches short peaks that sampling RSS would miss.
+    CPU: the peak resident set size in a fresh process per measurement (vision stage and whole generate apart),
+    forked from a forkserver that has imported torch but run nothing. In one process the allocator keeps memory freed
+    by an earlier run (of any variant or stage) resident, so a later run would reuse it and show too small a delta.
+    The kernel's high-water mark (VmHWM, reset through /proc/self/clear_refs) catches short peaks that sampling RSS
+    would miss.
     """
     if settings.device.startswith("cuda"):
         result = {}
@@ -351,8 +355,63 @@ def measure_peak_memory(source: str, model, inputs: dict, variant: str, frames: 
         return result
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "transformers", "qtsplus_hf.benchmark"])
-    with ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as pool:
-        return pool.submit(_cpu_memory_child, source, variant, frames, settings).result()
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as pool:
+            return {
+                field: pool.submit(_cpu_memory_child, source, variant, frames, settings, stage).result()
+                for field, stage in (("vision_peak_memory_bytes", "vision"), ("peak_memory_bytes", "total"))
+            }
+    except BrokenProcessPool as error:
+        raise OSError(f"the memory measurement process for {variant} at {frames} frames died (out of memory?)") from error
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Analytic cost: FLOPs (a multiply-add counts 2) and bytes moved, derived in docs/performance.md
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def analytic_costs(config, vision_tokens: int, kept_tokens: int, text_tokens: int, question_tokens: int,
+                   bytes_per_value: int = 4, time_embedding_dim: int = 64) -> dict:
+    """FLOPs and bytes of the selector (one scoring and one re-encode layer), the LM prefill on the stock and on
+    the compacted sequence, and the vision encoder, for one video.
+
+    FLOPs count the matrix products (norms, softmax and other element-wise work are O(tokens x width), below 1%).
+    Bytes count weights read once, tensors written by each product (read once by the next), and the KV cache;
+    attention scores are not stored by the fused SDPA kernels, except the selector's question-row probabilities.
+    """
+    text, vision = config.text_config, config.vision_config
+    width, heads, kv_heads = text.hidden_size, text.num_attention_heads, text.num_key_value_heads
+    kv_width, inner = width // heads * kv_heads, text.intermediate_size
+    m, n, q = vision_tokens, kept_tokens, question_tokens
+
+    def lm_prefill(length: int) -> tuple[int, int]:
+        flops = text.num_hidden_layers * (
+            length * (4 * width * width + 4 * width * kv_width + 6 * width * inner)
+            + 2 * length * length * width  # causal attention: half of QK^T and PV, 4 S^2 D
+        )
+        weights = 2 * width * width + 2 * width * kv_width + 3 * width * inner
+        activations = length * (4 * width + 2 * kv_width + 3 * inner)  # q, attn, o, residual; k, v (the cache); MLP
+        return flops, text.num_hidden_layers * (weights + activations) * bytes_per_value
+
+    scoring = 2 * m * width * kv_width + 2 * q * width * width + 2 * q * m * width
+    reencode = n * (20 * width * width + 4 * width * kv_width + 2 * time_embedding_dim * width) + 4 * n * n * width
+    selector_values = (
+        m * width + m * kv_width + 2 * heads * q * m  # features read, keys, question-row probabilities (write + read)
+        + n * (14 * width + 2 * kv_width)  # re-encoder: q, attn, o, residual, 4D feed-forward twice, k, v
+        + 14 * width * width + 2 * width * kv_width  # weights: scoring q/k, re-encoder q/k/v/o and feed-forward
+    )
+    stock_flops, stock_bytes = lm_prefill(m + text_tokens)
+    qtsplus_flops, qtsplus_bytes = lm_prefill(n + text_tokens)
+    patches, v_width = m * vision.spatial_merge_size**2, vision.hidden_size
+    vision_flops = patches * vision.depth * (8 * v_width * v_width + 6 * v_width * vision.intermediate_size)
+    vision_flops += m * 2 * (4 * v_width) * (4 * v_width) + m * 2 * 4 * v_width * width  # the patch merger MLP
+    return {
+        "selector_scoring_flops": scoring, "selector_reencode_flops": reencode,
+        "selector_flops": scoring + reencode, "selector_bytes": selector_values * bytes_per_value,
+        "lm_prefill_stock_flops": stock_flops, "lm_prefill_stock_bytes": stock_bytes,
+        "lm_prefill_qtsplus_flops": qtsplus_flops, "lm_prefill_qtsplus_bytes": qtsplus_bytes,
+        "vision_encoder_flops": vision_flops,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -423,14 +482,18 @@ def run_bench(settings: BenchSettings, model_dir: str | None = None, config_name
         qtsplus = qtsplus_from_stock(stock, settings.seed)
         share_stock_tensors(qtsplus, stock)
         models = {"stock": stock, "qtsplus_predicted": qtsplus, "qtsplus_fixed": qtsplus}
+        warm_up = on_device(
+            video_prompt(stock.config, 2, settings.resolution, settings.question_tokens, settings.seed),
+            settings.device, settings.dtype,
+        )
+        for variant in VARIANTS:  # one short run of each code path first, not recorded
+            timed_run(models[variant], warm_up, variant, settings)
         rows = []
         for frames in settings.frames:
             inputs = on_device(
                 video_prompt(stock.config, frames, settings.resolution, settings.question_tokens, settings.seed),
                 settings.device, settings.dtype,
             )
-            for variant in VARIANTS:  # warm-up, not recorded
-                timed_run(models[variant], inputs, variant, settings)
             samples = {variant: [] for variant in VARIANTS}
             for _ in range(settings.repeats):  # A/B/C/A/B/C: drifting machine load hits every variant alike
                 for variant in VARIANTS:
@@ -446,6 +509,11 @@ def run_bench(settings: BenchSettings, model_dir: str | None = None, config_name
                     row[variant]["selector_compaction_seconds"] / row[variant]["total_seconds"]
                 )
             row["ratio_to_stock"] = {variant: ratios(row[variant], row["stock"]) for variant in VARIANTS[1:]}
+            text_tokens = row["stock"]["prefill_length"] - row["vision_tokens"]
+            row["analytic_qtsplus_fixed"] = analytic_costs(
+                stock.config, row["vision_tokens"], row["qtsplus_fixed"]["kept_tokens"], text_tokens,
+                question_tokens=text_tokens - 2, bytes_per_value=torch.finfo(DTYPES[settings.dtype]).bits // 8,
+            )
             log(summary_line(row))
             rows.append(row)
     return {
@@ -508,3 +576,60 @@ def save_plot(report: dict, path: str) -> None:
         pyplot.close(figure)
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Selector profile (docs/performance.md): the selector alone at long-video sizes, random weights
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def profile_selector(num_tokens: int = 50_000, hidden_size: int = 2048, question_tokens: int = 32,
+                     keep_ratio: float | None = FIXED_KEEP_RATIO, repeats: int = 3, seed: int = 0) -> dict:
+    """Median seconds of scoring, budget + top-n, and the whole selector on one video of `num_tokens` tokens, with
+    a 3B-shaped selector (16 heads, 2 key/value heads) of width `hidden_size`, and the peak RSS delta of one call.
+
+    Run it in a fresh process (`python -c`): the first call's peak is measured after a small warm-up.
+    """
+    from .modeling_qtsplus_qwen2_5_vl import QTSplusSelector, budget_to_token_count, top_n_mask
+    from .tiny import tiny_qtsplus_config
+
+    torch.manual_seed(seed)
+    head_dim = hidden_size // 16
+    config = tiny_qtsplus_config(text_config=dict(
+        vocab_size=320, hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=1,
+        num_attention_heads=16, num_key_value_heads=2, bos_token_id=0, eos_token_id=2, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                         "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
+    ))
+    selector = QTSplusSelector(config).eval()
+    video = torch.randn(1, num_tokens, hidden_size)
+    video_mask = torch.ones(1, num_tokens, dtype=torch.bool)
+    query = torch.randn(1, question_tokens, hidden_size)
+    query_mask = torch.ones(1, question_tokens, dtype=torch.bool)
+    seconds = (torch.arange(num_tokens) // 256).float()[None]
+    inputs = (video, video_mask, query, query_mask, seconds, keep_ratio)
+    selector(*(tensor[:, :512] if tensor.dim() > 1 else tensor for tensor in inputs[:5]), keep_ratio)  # warm-up
+    peak = _peak_rss_delta(lambda: selector(*inputs))
+
+    def seconds_of(run) -> float:
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    scores = selector.score(video, video_mask, query, query_mask)
+    counts = budget_to_token_count(
+        selector.predict_rho(query, query_mask, scores, video_mask) if keep_ratio is None
+        else torch.tensor([keep_ratio]), video_mask.sum(-1), config.qtsplus_max_tokens if keep_ratio is None else None,
+    )
+    return {
+        "num_tokens": num_tokens, "hidden_size": hidden_size, "kept_tokens": int(counts[0]),
+        "scoring_seconds": seconds_of(lambda: selector.score(video, video_mask, query, query_mask)),
+        "top_n_seconds": seconds_of(lambda: top_n_mask(scores, counts, video_mask)),
+        "selector_seconds": seconds_of(lambda: selector(*inputs)),
+        "peak_rss_delta_bytes": peak,
+        "video_features_bytes": video.numel() * video.element_size(),
+    }

@@ -483,16 +483,17 @@ def compact_rows(
 
 def video_token_timestamps(
     video_grid_thw: torch.Tensor, second_per_grid_ts, spatial_merge_size: int, device: torch.device
-) -> list[torch.Tensor]:
-    """Start time in seconds of the temporal patch of every LM video token, one `[M_v]` tensor per video."""
+) -> torch.Tensor:
+    """Start time in seconds of the temporal patch of every LM video token, `[V, max M_v]` (0 past a video's end)."""
     if second_per_grid_ts is None:  # the stock model's default spacing: one second per temporal patch
         second_per_grid_ts = [1.0] * len(video_grid_thw)
-    timestamps = []
-    for (grid_t, grid_h, grid_w), interval in zip(video_grid_thw.tolist(), torch.as_tensor(second_per_grid_ts).tolist()):
-        tokens_per_patch = (grid_h // spatial_merge_size) * (grid_w // spatial_merge_size)
-        times = torch.arange(grid_t, dtype=torch.float32, device=device) * float(interval)
-        timestamps.append(times.repeat_interleave(tokens_per_patch))
-    return timestamps
+    grid = video_grid_thw.to(device)
+    tokens_per_patch = (grid[:, 1] // spatial_merge_size) * (grid[:, 2] // spatial_merge_size)
+    num_tokens = grid[:, 0] * tokens_per_patch
+    slots = torch.arange(int(num_tokens.max()), device=device)[None, :]
+    interval = torch.as_tensor(second_per_grid_ts, dtype=torch.float32, device=device)
+    seconds = (slots // tokens_per_patch[:, None]).float() * interval[:, None]
+    return seconds.masked_fill(slots >= num_tokens[:, None], 0.0)
 
 
 class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
@@ -675,11 +676,8 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         video = video_embeds[0][None] if len(video_embeds) == 1 else nn.utils.rnn.pad_sequence(video_embeds, True)
         video = video.to(question_embeds.dtype)
         video_mask = torch.arange(video.shape[1], device=video.device)[None, :] < num_tokens[:, None]
-        seconds = nn.utils.rnn.pad_sequence(
-            video_token_timestamps(
-                video_grid_thw, second_per_grid_ts, self.config.vision_config.spatial_merge_size, video.device
-            ),
-            batch_first=True,
+        seconds = video_token_timestamps(
+            video_grid_thw, second_per_grid_ts, self.config.vision_config.spatial_merge_size, video.device
         )
         keep, kept_tokens, rho, scores = self.qtsplus(
             video, video_mask, query[owner], query_mask[owner], seconds, qtsplus_keep_ratio
