@@ -51,6 +51,7 @@ def test_bench_writes_every_field_and_a_plot(tmp_path, capsys):
             assert result["vision_encoder_seconds"] > 0
             for field in ("peak_memory_bytes", "vision_peak_memory_bytes"):
                 assert isinstance(result[field], int) and result[field] >= 0
+            assert result["vision_output_bytes"] == tokens * 256 * 4  # small: LM width 256, float32
             # Prefill = the prompt's text + vision markers + the kept video tokens.
             assert result["prefill_length"] == 8 + 24 + 2 + result["kept_tokens"]
         assert row["stock"]["kept_tokens"] == tokens and row["stock"]["selector_compaction_seconds"] == 0

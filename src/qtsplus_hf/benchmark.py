@@ -34,8 +34,7 @@ VARIANTS = ("stock", "qtsplus_predicted", "qtsplus_fixed")
 TIMED_FIELDS = (
     "vision_encoder_seconds", "selector_compaction_seconds", "time_to_first_token_seconds", "total_seconds",
 )
-MEMORY_FIELDS = ("peak_memory_bytes", "vision_peak_memory_bytes")
-RATIO_FIELDS = ("prefill_length", "time_to_first_token_seconds", "total_seconds") + MEMORY_FIELDS
+RATIO_FIELDS = ("prefill_length", "time_to_first_token_seconds", "total_seconds", "peak_memory_bytes", "vision_peak_memory_bytes")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -329,6 +328,13 @@ def _cpu_memory_child(source: str, variant: str, frames: int, settings: BenchSet
     return _peak_rss_delta(lambda: generate_fixed_length(model, inputs, variant, settings, None))
 
 
+def vision_output_bytes(model, inputs: dict) -> int:
+    """Bytes of the LM-ready video features, which the vision stage's peak includes and which grow with the video."""
+    vision = model.config.vision_config
+    tokens = int(inputs["video_grid_thw"].prod(-1).sum()) // vision.spatial_merge_size**2
+    return tokens * vision.out_hidden_size * inputs["pixel_values_videos"].element_size()
+
+
 def measure_peak_memory(source: str, model, inputs: dict, variant: str, frames: int, settings: BenchSettings) -> dict:
     """Peak memory above what was allocated before the run, of the vision stage and of the whole generate.
 
@@ -502,7 +508,8 @@ def run_bench(settings: BenchSettings, model_dir: str | None = None, config_name
             for variant in VARIANTS:
                 row[variant] = median_row(samples[variant])
                 row[variant].update(
-                    measure_peak_memory(source, models[variant], inputs, variant, frames, settings)
+                    measure_peak_memory(source, models[variant], inputs, variant, frames, settings),
+                    vision_output_bytes=vision_output_bytes(models[variant], inputs),
                 )
             for variant in VARIANTS[1:]:
                 row[variant]["selector_compaction_share"] = (

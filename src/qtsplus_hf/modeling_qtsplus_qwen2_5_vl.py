@@ -607,15 +607,19 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         chunk = chunk_frames // self.config.vision_config.temporal_patch_size
         if chunk == 0:
             return list(self.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output)
+        merge = self.config.vision_config.spatial_merge_size**2
         features, offset = [], 0
         for grid_t, grid_h, grid_w in video_grid_thw.tolist():
-            pieces = []
+            video, written = None, 0
             for start in range(0, grid_t, chunk):  # a loop over chunks of frames, not tokens
                 grid = torch.tensor([[min(chunk, grid_t - start), grid_h, grid_w]], device=video_grid_thw.device)
                 rows = int(grid.prod())
-                pieces += self.model.get_video_features(pixel_values_videos[offset : offset + rows], grid).pooler_output
-                offset += rows
-            features.append(torch.cat(pieces))
+                (piece,) = self.model.get_video_features(pixel_values_videos[offset : offset + rows], grid).pooler_output
+                if video is None:  # filled chunk by chunk: concatenating at the end would hold the features twice
+                    video = piece.new_empty(grid_t * grid_h * grid_w // merge, piece.shape[-1])
+                video[written : written + len(piece)] = piece
+                offset, written = offset + rows, written + len(piece)
+            features.append(video)
         return features
 
     def prepare_qtsplus_inputs(
