@@ -251,6 +251,34 @@ def add_eval_parser(commands) -> None:
     evaluation.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     evaluation.add_argument("--json", default=None, help="write metrics and per-question predictions here")
     evaluation.set_defaults(handler=run_eval)
+def frame_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive frame counts, got {text!r}")
+    return sorted(set(counts))
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    """Stock Qwen2.5-VL vs QTSplus on the same weights: tokens, stage times, first-token latency, peak memory."""
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"{flag}: the folder of {path} does not exist")
+    if args.model and not os.path.isdir(args.model):
+        raise ValueError(f"--model: folder not found: {args.model}")
+    from .benchmark import BenchSettings, run_bench as bench, save_plot
+
+    settings = BenchSettings(
+        frames=args.frames, resolution=args.resolution, repeats=args.repeats, device=args.device, dtype=args.dtype,
+        new_tokens=args.new_tokens, vision_chunk_frames=args.vision_chunk_frames, seed=args.seed,
+    )
+    report = bench(settings, model_dir=args.model, config_name=args.config, log=print)
+    if args.json:
+        write_json_atomically(args.json, report)
+    if args.plot:
+        save_plot(report, args.plot)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,6 +309,24 @@ def build_parser() -> argparse.ArgumentParser:
     from .hub_commands import add_hub_commands  # export, push, convert
 
     add_hub_commands(commands)
+
+    bench = commands.add_parser("bench", help="stock Qwen2.5-VL vs QTSplus on the same weights: tokens, time, memory")
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, help="a stock Qwen2.5-VL checkpoint folder")
+    source.add_argument("--config", choices=("small", "medium"), default="small",
+                        help="random Qwen2.5-VL-3B-shaped model (default: small)")
+    bench.add_argument("--frames", type=frame_counts, default=[16, 32, 64, 128, 256], help="e.g. 16,32,64,128,256")
+    bench.add_argument("--resolution", type=positive_int, default=224, help="frame side in pixels")
+    bench.add_argument("--repeats", type=positive_int, default=3, help="timed runs per variant (after a warm-up)")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    bench.add_argument("--new-tokens", type=positive_int, default=8, help="tokens generated per run")
+    bench.add_argument("--vision-chunk-frames", type=int, default=None,
+                       help="QTSplus encodes videos this many frames at a time (default: the model config's)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", default=None, help="write the report as JSON to this path")
+    bench.add_argument("--plot", default=None, help="write a PNG of tokens and latency against frames")
+    bench.set_defaults(handler=run_bench)
     return parser
 
 

@@ -164,6 +164,7 @@ class QTSplusAttentionLayer(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=False)
         self.ffn_norm = QTSplusRMSNorm(hidden_size, text_config.rms_norm_eps)
         self.ffn = QTSplusFeedForward(hidden_size)
+        self.key_block_size = 8192  # video tokens normalised and projected at a time when scoring (`project_keys`)
 
     def project(
         self, queries: torch.Tensor, keys_values: torch.Tensor, time_embeds: torch.Tensor | None = None
@@ -188,25 +189,49 @@ class QTSplusAttentionLayer(nn.Module):
         hidden = residual + self.o_proj(attn_output.transpose(1, 2).reshape(batch, length, -1))
         return hidden + self.ffn(self.ffn_norm(hidden))
 
+    def project_keys(self, keys_values: torch.Tensor, with_values: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`[B, M, D]` -> k and v `[B, H_kv, M, d]` (v is None unless `with_values`), normalised block by block.
+
+        The float32 norm of the video is needed one projection at a time, so it is computed `key_block_size` tokens
+        at a time (a loop over blocks, not tokens): its temporaries stay `[B, block, D]` instead of `[B, M, D]`
+        (M ~ 1e5 tokens, D = 2048 on long videos). Rows are independent, so the result is the same.
+        """
+        batch, kv_len, _ = keys_values.shape
+        keys, values = [], []
+        for block in keys_values.split(self.key_block_size, dim=1):
+            normed = self.kv_norm(block)
+            keys.append(self.k_proj(normed))
+            if with_values:
+                values.append(self.v_proj(normed))
+        shape = (batch, kv_len, self.num_key_value_heads, self.head_dim)
+        k = torch.cat(keys, dim=1).view(shape).transpose(1, 2)
+        v = torch.cat(values, dim=1).view(shape).transpose(1, 2) if with_values else None
+        return k, v
+
     def cross_attention_probs(
-        self, queries: torch.Tensor, keys_values: torch.Tensor, key_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, queries: torch.Tensor, keys_values: torch.Tensor, key_mask: torch.Tensor, with_output: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention probabilities of the queries over the keys, and the attention output.
 
         Args:
-            queries: `[B, L, D]`; keys_values: `[B, M, D]`; key_mask: bool `[B, M]`, False = padding.
+            queries: `[B, L, D]`; keys_values: `[B, M, D]`; key_mask: bool `[B, M]`, False = padding;
+            with_output: False skips the value projection and the output (the last scoring layer needs only probs).
         Returns:
             probs `[B, H_kv, G*L, M]` (float32; head `h = kv*G + g`, rows ordered `(g, l)`) and
-            attention output `[B, H, L, d]`.
+            attention output `[B, H, L, d]` (None without `with_output`).
         """
-        q, k, v = self.project(queries, keys_values)
-        batch, _, length, _ = q.shape
+        batch, length, _ = queries.shape
+        q = self.q_proj(self.q_norm(queries)).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.project_keys(keys_values, with_values=with_output)
         groups = self.num_heads // self.num_key_value_heads
-        # Group the query heads by their shared key/value head instead of repeating k and v (M can be ~1e5).
+        # Group the query heads by their shared key/value head instead of repeating k and v (M can be ~1e5). Only
+        # the question rows exist, L << M; scaling and masking happen in place on the one [B, H, L, M] buffer.
         q = q.reshape(batch, self.num_key_value_heads, groups * length, self.head_dim)
-        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
-        logits = logits.masked_fill(~key_mask[:, None, None, :], torch.finfo(logits.dtype).min)
+        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).div_(math.sqrt(self.head_dim))
+        logits = logits.masked_fill_(~key_mask[:, None, None, :], torch.finfo(logits.dtype).min)
         probs = logits.softmax(dim=-1)
+        if not with_output:
+            return probs, None
         attn_output = torch.matmul(probs.to(v.dtype), v).view(batch, self.num_heads, length, self.head_dim)
         return probs, attn_output
 
@@ -361,11 +386,13 @@ class QTSplusSelector(nn.Module):
         for layer in self.scoring_layers[:-1]:
             _, attn_output = layer.cross_attention_probs(query, video, video_mask)
             query = layer.finish(query, attn_output)
-        probs, _ = self.scoring_layers[-1].cross_attention_probs(query, video, video_mask)
+        probs, _ = self.scoring_layers[-1].cross_attention_probs(query, video, video_mask, with_output=False)
         groups = probs.shape[2] // query.shape[1]
-        # Padded question rows must not vote; probabilities are >= 0 so zeroing them removes them from the max.
-        row_mask = query_mask.repeat(1, groups)[:, None, :, None]
-        return (probs * row_mask).amax(dim=(1, 2)) * video_mask
+        # Max over the key/value heads first (a [V, G*L, M] result, H_kv times smaller than probs); then padded
+        # question rows must not vote: probabilities are >= 0, so zeroing them removes them from the max.
+        per_row = probs.amax(dim=1)
+        row_mask = query_mask.repeat(1, groups)[:, :, None]
+        return per_row.masked_fill(~row_mask, 0.0).amax(dim=1) * video_mask
 
     def predict_rho(
         self, query: torch.Tensor, query_mask: torch.Tensor, scores: torch.Tensor, video_mask: torch.Tensor
@@ -465,16 +492,17 @@ def compact_rows(
 
 def video_token_timestamps(
     video_grid_thw: torch.Tensor, second_per_grid_ts, spatial_merge_size: int, device: torch.device
-) -> list[torch.Tensor]:
-    """Start time in seconds of the temporal patch of every LM video token, one `[M_v]` tensor per video."""
+) -> torch.Tensor:
+    """Start time in seconds of the temporal patch of every LM video token, `[V, max M_v]` (0 past a video's end)."""
     if second_per_grid_ts is None:  # the stock model's default spacing: one second per temporal patch
         second_per_grid_ts = [1.0] * len(video_grid_thw)
-    timestamps = []
-    for (grid_t, grid_h, grid_w), interval in zip(video_grid_thw.tolist(), torch.as_tensor(second_per_grid_ts).tolist()):
-        tokens_per_patch = (grid_h // spatial_merge_size) * (grid_w // spatial_merge_size)
-        times = torch.arange(grid_t, dtype=torch.float32, device=device) * float(interval)
-        timestamps.append(times.repeat_interleave(tokens_per_patch))
-    return timestamps
+    grid = video_grid_thw.to(device)
+    tokens_per_patch = (grid[:, 1] // spatial_merge_size) * (grid[:, 2] // spatial_merge_size)
+    num_tokens = grid[:, 0] * tokens_per_patch
+    slots = torch.arange(int(num_tokens.max()), device=device)[None, :]
+    interval = torch.as_tensor(second_per_grid_ts, dtype=torch.float32, device=device)
+    seconds = (slots // tokens_per_patch[:, None]).float() * interval[:, None]
+    return seconds.masked_fill(slots >= num_tokens[:, None], 0.0)
 
 
 class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
@@ -563,25 +591,47 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             raise ValueError("the video placeholder tokens of one video are split across batch rows")
         return owner
 
-    def encode_videos(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.LongTensor) -> list[torch.Tensor]:
-        """Vision features `[M_v, D]` per video, encoded `qtsplus_vision_chunk_frames` frames at a time if set.
+    def _check_chunk_frames(self, chunk_frames: int | None) -> None:
+        if chunk_frames is None:
+            return
+        temporal_patch_size = self.config.vision_config.temporal_patch_size
+        if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 0 or (
+            chunk_frames % temporal_patch_size
+        ):
+            raise ValueError(
+                "qtsplus_vision_chunk_frames must be None or an integer >= 0 that is a multiple of the temporal patch "
+                f"size ({temporal_patch_size}), got {chunk_frames!r}"
+            )
+
+    def encode_videos(
+        self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.LongTensor, chunk_frames: int | None = None
+    ) -> list[torch.Tensor]:
+        """Vision features `[M_v, D]` per video, encoded `chunk_frames` frames at a time (0: whole videos; None:
+        `config.qtsplus_vision_chunk_frames`).
 
         The encoder's attention never crosses a temporal patch (window attention within a frame patch, full
         attention within `cu_seqlens` of one temporal patch), so chunks of whole temporal patches give the same
         features while bounding its activation memory.
         """
-        chunk = self.config.qtsplus_vision_chunk_frames // self.config.vision_config.temporal_patch_size
+        self._check_chunk_frames(chunk_frames)
+        if chunk_frames is None:
+            chunk_frames = self.config.qtsplus_vision_chunk_frames
+        chunk = chunk_frames // self.config.vision_config.temporal_patch_size
         if chunk == 0:
             return list(self.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output)
+        merge = self.config.vision_config.spatial_merge_size**2
         features, offset = [], 0
         for grid_t, grid_h, grid_w in video_grid_thw.tolist():
-            pieces = []
+            video, written = None, 0
             for start in range(0, grid_t, chunk):  # a loop over chunks of frames, not tokens
                 grid = torch.tensor([[min(chunk, grid_t - start), grid_h, grid_w]], device=video_grid_thw.device)
                 rows = int(grid.prod())
-                pieces += self.model.get_video_features(pixel_values_videos[offset : offset + rows], grid).pooler_output
-                offset += rows
-            features.append(torch.cat(pieces))
+                (piece,) = self.model.get_video_features(pixel_values_videos[offset : offset + rows], grid).pooler_output
+                if video is None:  # filled chunk by chunk: concatenating at the end would hold the features twice
+                    video = piece.new_empty(grid_t * grid_h * grid_w // merge, piece.shape[-1])
+                video[written : written + len(piece)] = piece
+                offset, written = offset + rows, written + len(piece)
+            features.append(video)
         return features
 
     def prepare_qtsplus_inputs(
@@ -597,6 +647,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         second_per_grid_ts: torch.Tensor | None = None,
         qtsplus_query_mask: torch.Tensor | None = None,
         qtsplus_keep_ratio: float | None = None,
+        qtsplus_vision_chunk_frames: int | None = None,
     ) -> QTSplusInputs:
         """Run the vision encoder and the selector once and build the compacted prefill (see `QTSplusInputs`).
 
@@ -615,17 +666,12 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
                 input_ids == self.config.video_token_id
             ).int()
         question = self._question_mask(input_ids, attention_mask, labels, qtsplus_query_mask)
-
-        inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_embeds = None
         if pixel_values is not None:
             image_embeds = torch.cat(self.model.get_image_features(pixel_values, image_grid_thw).pooler_output)
-            image_mask, _ = self.model.get_placeholder_mask(
-                input_ids, inputs_embeds=inputs_embeds, image_features=image_embeds
-            )
-            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds.to(inputs_embeds.dtype))
 
         video_positions = input_ids == self.config.video_token_id
-        video_embeds = self.encode_videos(pixel_values_videos, video_grid_thw)
+        video_embeds = self.encode_videos(pixel_values_videos, video_grid_thw, qtsplus_vision_chunk_frames)
         num_tokens = torch.tensor([len(v) for v in video_embeds], device=input_ids.device)
         if int(video_positions.sum()) != int(num_tokens.sum()):
             raise ValueError(
@@ -634,31 +680,29 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             )
         owner = self._video_owner(video_positions, num_tokens)
 
-        # Question of each video's sample, padded: [V, L, D] and [V, L].
+        # Question of each video's sample, padded: [V, L, D] and [V, L]. Only the question (here) and the compacted
+        # sequence (below) are embedded: a [B, S, D] embedding of every placeholder is as large as the video features.
+        question_embeds = self._question_embeddings(input_ids, question, image_embeds)
         question_lengths = question.sum(-1)
         query_slots = torch.arange(int(question_lengths.max()), device=input_ids.device)
         query_mask = query_slots[None, :] < question_lengths[:, None]
-        query = inputs_embeds.new_zeros(*query_mask.shape, inputs_embeds.shape[-1])
-        query[query_mask] = inputs_embeds[question]
-        video = nn.utils.rnn.pad_sequence(list(video_embeds), batch_first=True).to(inputs_embeds.dtype)
+        query = question_embeds.new_zeros(*query_mask.shape, question_embeds.shape[-1])
+        query[query_mask] = question_embeds
+        # One video (the usual case) is used as it is: padding would copy all M_v x D features.
+        video = video_embeds[0][None] if len(video_embeds) == 1 else nn.utils.rnn.pad_sequence(video_embeds, True)
+        video = video.to(question_embeds.dtype)
         video_mask = torch.arange(video.shape[1], device=video.device)[None, :] < num_tokens[:, None]
-        seconds = nn.utils.rnn.pad_sequence(
-            video_token_timestamps(
-                video_grid_thw, second_per_grid_ts, self.config.vision_config.spatial_merge_size, video.device
-            ),
-            batch_first=True,
+        seconds = video_token_timestamps(
+            video_grid_thw, second_per_grid_ts, self.config.vision_config.spatial_merge_size, video.device
         )
         keep, kept_tokens, rho, scores = self.qtsplus(
             video, video_mask, query[owner], query_mask[owner], seconds, qtsplus_keep_ratio
         )
 
-        # Place the re-encoded kept tokens, then drop the unselected placeholders (and the old padding: the
-        # shortened rows are padded afresh).
+        # Drop the unselected placeholders (and the old padding: the shortened rows are padded afresh), then embed
+        # the compacted ids and place the image features and the re-encoded kept tokens.
         sequence_keep = attention_mask != 0
         sequence_keep[video_positions] = keep[video_mask]
-        inputs_embeds = inputs_embeds.masked_scatter(
-            (video_positions & sequence_keep)[..., None], kept_tokens.to(inputs_embeds.dtype)
-        )
         new_lengths = sequence_keep.sum(-1)
         length = int(new_lengths.max())
         right_padded = bool((attention_mask[:, -1] == 0).any())
@@ -687,6 +731,9 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             next_position = position_ids.masked_fill(attention_mask[None] == 0, 0).amax(dim=(0, 2)) + 1
             rope_deltas = (next_position - new_attention_mask.sum(-1))[:, None]
 
+        kept_ids = compact(input_ids, pad_value=self.config.text_config.pad_token_id or 0)
+        inputs_embeds = self._compacted_embeddings(kept_ids, new_attention_mask, image_embeds, kept_tokens)
+
         kept_per_video = keep.sum(-1).tolist()
         selection = QTSplusSelection(
             kept_indices=list(keep.nonzero()[:, 1].split(kept_per_video)),
@@ -696,8 +743,8 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             timestamps=list(seconds[keep].split(kept_per_video)),
         )
         return QTSplusInputs(
-            input_ids=compact(input_ids, pad_value=self.config.text_config.pad_token_id or 0),
-            inputs_embeds=compact(inputs_embeds, pad_value=0),
+            input_ids=kept_ids,
+            inputs_embeds=inputs_embeds,
             attention_mask=new_attention_mask,
             position_ids=torch.cat([text_positions[None], mrope_positions], dim=0),
             labels=None if labels is None else compact(labels, pad_value=IGNORE_INDEX),
@@ -705,6 +752,32 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             selection=selection,
             rho_for_losses=rho,
         )
+
+    def _question_embeddings(
+        self, input_ids: torch.Tensor, question: torch.Tensor, image_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Embeddings `[Q, D]` of the question tokens, row-major; image features where a question covers an image."""
+        question_embeds = self.get_input_embeddings()(input_ids[question])
+        if image_embeds is not None:
+            image_positions = input_ids == self.config.image_token_id
+            image_rank = image_positions.flatten().long().cumsum(0).view_as(input_ids) - 1
+            in_question = image_positions[question]
+            question_embeds[in_question] = image_embeds[image_rank[question][in_question]].to(question_embeds.dtype)
+        return question_embeds
+
+    def _compacted_embeddings(
+        self, kept_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor | None,
+        kept_tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        """`[B, S', D]`: embeddings of the compacted ids, image features and the kept video tokens in their slots."""
+        inputs_embeds = self.get_input_embeddings()(kept_ids)
+        if image_embeds is not None:
+            image_mask, _ = self.model.get_placeholder_mask(
+                kept_ids, inputs_embeds=inputs_embeds, image_features=image_embeds
+            )
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds.to(inputs_embeds.dtype))
+        video_slots = (kept_ids == self.config.video_token_id) & attention_mask.bool()
+        return inputs_embeds.masked_scatter(video_slots[..., None], kept_tokens.to(inputs_embeds.dtype))
 
     def _runs_selector(self, pixel_values_videos: torch.Tensor | None) -> bool:
         return bool(self.config.qtsplus_enabled) and pixel_values_videos is not None
@@ -744,6 +817,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         logits_to_keep: int | torch.Tensor = 0,
         qtsplus_query_mask: torch.Tensor | None = None,
         qtsplus_keep_ratio: float | None = None,
+        qtsplus_vision_chunk_frames: int | None = None,
         **kwargs,
     ) -> QTSplusCausalLMOutputWithPast:
         r"""
@@ -753,10 +827,13 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             The question tokens. Default: every attended non-vision token whose label is -100.
         qtsplus_keep_ratio (`float`, *optional*):
             None: the predicted budget. A float in (0, 1]: keep that share of each video's tokens (1.0 keeps all).
+        qtsplus_vision_chunk_frames (`int`, *optional*):
+            Overrides `config.qtsplus_vision_chunk_frames` for this call (0 encodes each video at once).
 
         When the selector runs, `logits` (and the loss) cover the compacted sequence.
         """
         self._check_keep_ratio(qtsplus_keep_ratio)
+        self._check_chunk_frames(qtsplus_vision_chunk_frames)
         return_dict = kwargs.pop("return_dict", None)
         stock_inputs = dict(
             attention_mask=attention_mask,
@@ -796,6 +873,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             second_per_grid_ts=second_per_grid_ts,
             qtsplus_query_mask=qtsplus_query_mask,
             qtsplus_keep_ratio=qtsplus_keep_ratio,
+            qtsplus_vision_chunk_frames=qtsplus_vision_chunk_frames,
         )
         stock_inputs.update(
             attention_mask=prefill.attention_mask, position_ids=prefill.position_ids[1:], labels=prefill.labels
@@ -829,6 +907,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         second_per_grid_ts: torch.Tensor | None = None,
         qtsplus_query_mask: torch.Tensor | None = None,
         qtsplus_keep_ratio: float | None = None,
+        qtsplus_vision_chunk_frames: int | None = None,
         **kwargs,
     ):
         """`GenerationMixin.generate` with the selector run once, at prefill.
@@ -837,6 +916,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         `generate` extends by +1 per new token); the returned sequences still begin with the caller's `input_ids`.
         """
         self._check_keep_ratio(qtsplus_keep_ratio)
+        self._check_chunk_frames(qtsplus_vision_chunk_frames)
         stock_inputs = dict(
             attention_mask=attention_mask,
             pixel_values=pixel_values,
@@ -855,7 +935,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         with torch.no_grad():
             prefill = self.prepare_qtsplus_inputs(
                 input_ids=input_ids, qtsplus_query_mask=qtsplus_query_mask, qtsplus_keep_ratio=qtsplus_keep_ratio,
-                **stock_inputs,
+                qtsplus_vision_chunk_frames=qtsplus_vision_chunk_frames, **stock_inputs,
             )
         self.model.rope_deltas = prefill.rope_deltas
         dropped = input_ids.shape[1] - prefill.input_ids.shape[1]
@@ -944,8 +1024,11 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         config = QTSplusConfig(**config_dict, **config_overrides)
         # from_pretrained builds on the meta device and initialises only what the state dict lacks (the selector):
         # no second random initialisation of a multi-billion-parameter model.
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()  # its load report would call the selector keys, missing by design, a problem
+        # Quietly: its load report would call the selector keys, missing by design, a problem, and its progress bar
+        # would count tensors that are already in memory.
+        verbosity, progress_bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
         try:
             model, loading = cls.from_pretrained(
                 None, config=config, state_dict=state_dict, dtype=stock.dtype,
@@ -953,6 +1036,8 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             )
         finally:
             logging.set_verbosity(verbosity)
+            if progress_bar:
+                logging.enable_progress_bar()
         missing, unexpected = loading["missing_keys"], loading["unexpected_keys"]
         if unexpected or any(not key.startswith("qtsplus.") for key in missing) or loading["mismatched_keys"]:
             raise ValueError(f"checkpoint does not fit Qwen2.5-VL: missing {sorted(missing)}, unexpected "

@@ -1,0 +1,642 @@
+"""`qtsplus bench`: the stock Qwen2.5-VL and QTSplus on the same weights, side by side in one run.
+
+For each frame count, three variants run on one synthetic video prompt: `stock` (`Qwen2_5_VLForConditionalGeneration`),
+`qtsplus_predicted` (the predicted budget) and `qtsplus_fixed` (keep ratio 0.11, the paper's 89% compression). Timed
+runs alternate the variants (A/B/C/A/B/C) after one warm-up run of each on a 2-frame video (what a warm-up removes,
+lazy initialisation and first-call allocations, does not depend on the video length, and a full-size one would
+add a fourth of the bench's time), and medians are reported. Peak memory is
+measured apart from the timed runs (see `measure_peak_memory`).
+"""
+
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+import transformers
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
+
+from .modeling_qtsplus_qwen2_5_vl import QTSplusQwen2_5_VLForConditionalGeneration
+from .tiny import IM_END_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, VIDEO_ID, VISION_END_ID, VISION_START_ID
+
+
+FIXED_KEEP_RATIO = 0.11
+VARIANTS = ("stock", "qtsplus_predicted", "qtsplus_fixed")
+TIMED_FIELDS = (
+    "vision_encoder_seconds", "selector_compaction_seconds", "time_to_first_token_seconds", "total_seconds",
+)
+RATIO_FIELDS = ("prefill_length", "time_to_first_token_seconds", "total_seconds", "peak_memory_bytes", "vision_peak_memory_bytes")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def scaled_qwen2_5_vl_3b(scale: int, vision_depth: int, text_layers: int, vocab_size: int) -> dict:
+    """Qwen2.5-VL-3B's shape with every width divided by `scale` and fewer layers.
+
+    Kept from the 3B model: patch 14, temporal patch 2, merge 2, window 112 px, one full-attention vision layer per
+    block of layers, 16 query / 2 key-value LM heads (GQA 8:1), mrope_section in the ratio 16:24:24 of the head
+    dimension, SwiGLU widths 2.67x (vision) and 5.375x (LM) the model width, vision width 5/8 of the LM's, the LM
+    several times the vision encoder's parameters with about its FLOPs per video token (the encoder sees 4 patches
+    per LM token).
+    """
+    text_hidden, vision_hidden = 2048 // scale, 1280 // scale
+    head_dim = text_hidden // 16
+    section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]  # 16:24:24 of head_dim / 2 = 64 in 3B
+    return dict(
+        vision_config=dict(
+            depth=vision_depth, hidden_size=vision_hidden, intermediate_size=round(3420 / scale / 4) * 4,
+            # head_dim 16: the vision rotary embedding needs a multiple of 4 (3B: 16 heads of 80).
+            num_heads=vision_hidden // 16, out_hidden_size=text_hidden, patch_size=14, temporal_patch_size=2,
+            spatial_merge_size=2, window_size=112, fullatt_block_indexes=list(range(3, vision_depth, 4)),
+            tokens_per_second=2,
+        ),
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=round(11008 / scale),
+            num_hidden_layers=text_layers, num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": section},
+            bos_token_id=PAD_ID, eos_token_id=IM_END_ID, pad_token_id=PAD_ID, tie_word_embeddings=True,
+        ),
+        image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID, tie_word_embeddings=True,
+    )
+
+
+# Scaled so that a CPU run with ~16k vision tokens stays within minutes (small) or shows a larger model (medium).
+BENCH_CONFIGS = {
+    "small": dict(scale=8, vision_depth=4, text_layers=6, vocab_size=2048),
+    "medium": dict(scale=4, vision_depth=8, text_layers=12, vocab_size=4096),
+}
+
+
+def bench_config(name: str) -> Qwen2_5_VLConfig:
+    if name not in BENCH_CONFIGS:
+        raise ValueError(f"unknown bench config {name!r}; choose from {sorted(BENCH_CONFIGS)}")
+    return Qwen2_5_VLConfig(**scaled_qwen2_5_vl_3b(**BENCH_CONFIGS[name]))
+
+
+@dataclass
+class BenchSettings:
+    frames: Sequence[int] = (16, 32, 64, 128, 256)
+    resolution: int = 224
+    repeats: int = 3
+    device: str = "cpu"
+    dtype: str = "float32"
+    new_tokens: int = 8
+    question_tokens: int = 24
+    vision_chunk_frames: int | None = None
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models and inputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def quiet_progress_bars():
+    """transformers' weight loading / saving bars, one per memory process, would bury the bench's own lines."""
+    enabled = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def load_stock(source: str, device: str, dtype: str) -> Qwen2_5_VLForConditionalGeneration:
+    with quiet_progress_bars():
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            source, dtype=DTYPES[dtype], attn_implementation="sdpa"
+        )
+    return model.to(device).eval()
+
+
+def qtsplus_from_stock(stock: Qwen2_5_VLForConditionalGeneration, seed: int) -> QTSplusQwen2_5_VLForConditionalGeneration:
+    """QTSplus made from the stock model; the selector's random parts come from `seed`, so every process agrees."""
+    torch.manual_seed(seed)
+    return QTSplusQwen2_5_VLForConditionalGeneration.from_qwen2_5_vl(stock)
+
+
+def share_stock_tensors(
+    qtsplus: QTSplusQwen2_5_VLForConditionalGeneration, stock: Qwen2_5_VLForConditionalGeneration
+) -> None:
+    """Point QTSplus's stock parameters at the stock model's tensors: one copy of the weights in memory."""
+    qtsplus.load_state_dict(stock.state_dict(), strict=False, assign=True)
+    qtsplus.tie_weights()
+
+
+def video_prompt(config, frames: int, resolution: int, question_tokens: int, seed: int) -> dict[str, torch.Tensor]:
+    """One synthetic video question shaped like a Qwen2.5-VL processor's output: random pixels and text ids."""
+    vision = config.vision_config
+    factor = vision.patch_size * vision.spatial_merge_size
+    if resolution < factor or resolution % factor:
+        raise ValueError(f"--resolution must be a positive multiple of {factor} (patch x merge), got {resolution}")
+    if frames < vision.temporal_patch_size or frames % vision.temporal_patch_size:
+        raise ValueError(f"frame counts must be multiples of {vision.temporal_patch_size}, got {frames}")
+    generator = torch.Generator().manual_seed(seed)
+    grid = (frames // vision.temporal_patch_size, resolution // vision.patch_size, resolution // vision.patch_size)
+    num_tokens = grid[0] * grid[1] * grid[2] // vision.spatial_merge_size**2
+    # Text ids from a range clear of special tokens in both the random configs and real Qwen vocabularies.
+    text_ids = range(len(SPECIAL_TOKENS) + 100, len(SPECIAL_TOKENS) + 600)
+    text = torch.randint(text_ids.start, text_ids.stop, (8 + question_tokens,), generator=generator).tolist()
+    ids = text[:8] + [config.vision_start_token_id] + [config.video_token_id] * num_tokens
+    ids += [config.vision_end_token_id] + text[8:]
+    input_ids = torch.tensor([ids])
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "mm_token_type_ids": 2 * (input_ids == config.video_token_id).int(),
+        "pixel_values_videos": torch.randn(grid[0] * grid[1] * grid[2], patch_dim, generator=generator),
+        "video_grid_thw": torch.tensor([grid]),
+        "second_per_grid_ts": torch.tensor([1.0]),
+    }
+
+
+def on_device(inputs: dict, device: str, dtype: str) -> dict:
+    return {
+        name: value.to(device, DTYPES[dtype]) if name == "pixel_values_videos" else value.to(device)
+        for name, value in inputs.items()
+    }
+
+
+def variant_kwargs(variant: str, chunk_frames: int | None) -> dict:
+    if variant == "stock":
+        return {}
+    keep_ratio = FIXED_KEEP_RATIO if variant == "qtsplus_fixed" else None
+    return {"qtsplus_keep_ratio": keep_ratio, "qtsplus_vision_chunk_frames": chunk_frames}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class FirstTokenClock(StoppingCriteria):
+    """Never stops generation; notes when the first new token exists (generate calls it after every step)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.first_token_at: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        if self.first_token_at is None:
+            synchronize(self.device)
+            self.first_token_at = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@contextmanager
+def stage_clock(model, device: str):
+    """Seconds in the vision encoder (forward hooks) and in `prepare_qtsplus_inputs` (QTSplus only)."""
+    seconds = {"vision": 0.0, "prepare": 0.0}
+    started = {}
+
+    def start(name):
+        synchronize(device)
+        started[name] = time.perf_counter()
+
+    def stop(name):
+        synchronize(device)
+        seconds[name] += time.perf_counter() - started.pop(name)
+
+    hooks = [
+        model.model.visual.register_forward_pre_hook(lambda *_: start("vision")),
+        model.model.visual.register_forward_hook(lambda *_: stop("vision")),
+    ]
+    wrapped = isinstance(model, QTSplusQwen2_5_VLForConditionalGeneration)
+    if wrapped:
+        # An instance attribute shadows the method for the duration of the run: generate looks it up on `self`.
+        prepare = model.prepare_qtsplus_inputs
+
+        def timed_prepare(**inputs):
+            start("prepare")
+            try:
+                return prepare(**inputs)
+            finally:
+                stop("prepare")
+
+        model.prepare_qtsplus_inputs = timed_prepare
+    try:
+        yield seconds
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if wrapped:
+            del model.prepare_qtsplus_inputs
+
+
+def generate_fixed_length(model, inputs: dict, variant: str, settings: BenchSettings, clock: FirstTokenClock | None):
+    return model.generate(
+        **inputs, **variant_kwargs(variant, settings.vision_chunk_frames), max_new_tokens=settings.new_tokens,
+        min_new_tokens=settings.new_tokens, do_sample=False, return_dict_in_generate=True,
+        stopping_criteria=StoppingCriteriaList([clock] if clock else []),
+    )
+
+
+@torch.no_grad()
+def timed_run(model, inputs: dict, variant: str, settings: BenchSettings) -> dict:
+    """One generate of `new_tokens` tokens: stage times, time to first token, total, kept tokens, prefill length."""
+    clock = FirstTokenClock(settings.device)
+    with stage_clock(model, settings.device) as seconds:
+        synchronize(settings.device)
+        start = time.perf_counter()
+        outputs = generate_fixed_length(model, inputs, variant, settings, clock)
+        synchronize(settings.device)
+        total = time.perf_counter() - start
+    num_tokens = int((inputs["input_ids"] == model.config.video_token_id).sum())
+    selection = outputs.get("qtsplus")
+    kept = selection.num_kept[0] if selection is not None else num_tokens
+    result = {
+        "kept_tokens": kept,
+        "prefill_length": inputs["input_ids"].shape[1] - num_tokens + kept,
+        "vision_encoder_seconds": seconds["vision"],
+        # Everything QTSplus runs before the LM apart from the vision encoder: scoring, budget, top-n, re-encoding,
+        # compaction (and the MRoPE index, which the stock forward computes too, a few ms).
+        "selector_compaction_seconds": max(seconds["prepare"] - seconds["vision"], 0.0) if selection else 0.0,
+        "time_to_first_token_seconds": clock.first_token_at - start,
+        "total_seconds": total,
+    }
+    if selection is not None:
+        result["rho"] = float(selection.rho[0])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Peak memory
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's high-water mark VmHWM to the current RSS (Linux >= 4.0) and return that RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def _peak_rss_delta(run: Callable[[], object]) -> int:
+    baseline = _reset_peak_rss()
+    run()
+    return _proc_status_kib("VmHWM") * 1024 - baseline
+
+
+def _vision_stage(model, inputs: dict, variant: str, chunk_frames: int | None):
+    if variant == "stock":
+        return lambda: model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    return lambda: model.encode_videos(inputs["pixel_values_videos"], inputs["video_grid_thw"], chunk_frames)
+
+
+@torch.no_grad()
+def _cpu_memory_child(source: str, variant: str, frames: int, settings: BenchSettings, stage: str) -> int:
+    """Runs in a fresh process: load, warm up on a 2-frame video, then the peak RSS delta of `stage` ("vision": the
+    vision encoder alone; "total": the whole generate)."""
+    stock = load_stock(source, settings.device, settings.dtype)
+    model = stock if variant == "stock" else qtsplus_from_stock(stock, settings.seed)
+    del stock
+    config = model.config
+    warm = on_device(video_prompt(config, 2, settings.resolution, settings.question_tokens, settings.seed), "cpu",
+                     settings.dtype)
+    generate_fixed_length(model, warm, variant, settings, None)
+    inputs = on_device(
+        video_prompt(config, frames, settings.resolution, settings.question_tokens, settings.seed), "cpu",
+        settings.dtype,
+    )
+    if stage == "vision":
+        return _peak_rss_delta(_vision_stage(model, inputs, variant, settings.vision_chunk_frames))
+    return _peak_rss_delta(lambda: generate_fixed_length(model, inputs, variant, settings, None))
+
+
+def vision_output_bytes(model, inputs: dict) -> int:
+    """Bytes of the LM-ready video features, which the vision stage's peak includes and which grow with the video."""
+    vision = model.config.vision_config
+    tokens = int(inputs["video_grid_thw"].prod(-1).sum()) // vision.spatial_merge_size**2
+    return tokens * vision.out_hidden_size * inputs["pixel_values_videos"].element_size()
+
+
+def measure_peak_memory(source: str, model, inputs: dict, variant: str, frames: int, settings: BenchSettings) -> dict:
+    """Peak memory above what was allocated before the run, of the vision stage and of the whole generate.
+
+    CUDA: `max_memory_allocated` after `reset_peak_memory_stats`, in this process.
+    CPU: the peak resident set size in a fresh process per measurement (vision stage and whole generate apart),
+    forked from a forkserver that has imported torch but run nothing. In one process the allocator keeps memory freed
+    by an earlier run (of any variant or stage) resident, so a later run would reuse it and show too small a delta.
+    The kernel's high-water mark (VmHWM, reset through /proc/self/clear_refs) catches short peaks that sampling RSS
+    would miss.
+    """
+    if settings.device.startswith("cuda"):
+        result = {}
+        for field, run in (
+            ("vision_peak_memory_bytes", _vision_stage(model, inputs, variant, settings.vision_chunk_frames)),
+            ("peak_memory_bytes", lambda: generate_fixed_length(model, inputs, variant, settings, None)),
+        ):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            baseline = torch.cuda.memory_allocated()
+            with torch.no_grad():
+                run()
+            torch.cuda.synchronize()
+            result[field] = torch.cuda.max_memory_allocated() - baseline
+        return result
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "transformers", "qtsplus_hf.benchmark"])
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as pool:
+            return {
+                field: pool.submit(_cpu_memory_child, source, variant, frames, settings, stage).result()
+                for field, stage in (("vision_peak_memory_bytes", "vision"), ("peak_memory_bytes", "total"))
+            }
+    except BrokenProcessPool as error:
+        raise OSError(f"the memory measurement process for {variant} at {frames} frames died (out of memory?)") from error
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Analytic cost: FLOPs (a multiply-add counts 2) and bytes moved, derived in docs/performance.md
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def analytic_costs(config, vision_tokens: int, kept_tokens: int, text_tokens: int, question_tokens: int,
+                   bytes_per_value: int = 4, time_embedding_dim: int = 64) -> dict:
+    """FLOPs and bytes of the selector (one scoring and one re-encode layer), the LM prefill on the stock and on
+    the compacted sequence, and the vision encoder, for one video.
+
+    FLOPs count the matrix products (norms, softmax and other element-wise work are O(tokens x width), below 1%).
+    Bytes count weights read once, tensors written by each product (read once by the next), and the KV cache;
+    attention scores are not stored by the fused SDPA kernels, except the selector's question-row probabilities.
+    """
+    text, vision = config.text_config, config.vision_config
+    width, heads, kv_heads = text.hidden_size, text.num_attention_heads, text.num_key_value_heads
+    kv_width, inner = width // heads * kv_heads, text.intermediate_size
+    m, n, q = vision_tokens, kept_tokens, question_tokens
+
+    def lm_prefill(length: int) -> tuple[int, int]:
+        flops = text.num_hidden_layers * (
+            length * (4 * width * width + 4 * width * kv_width + 6 * width * inner)
+            + 2 * length * length * width  # causal attention: half of QK^T and PV, 4 S^2 D
+        )
+        weights = 2 * width * width + 2 * width * kv_width + 3 * width * inner
+        activations = length * (4 * width + 2 * kv_width + 3 * inner)  # q, attn, o, residual; k, v (the cache); MLP
+        return flops, text.num_hidden_layers * (weights + activations) * bytes_per_value
+
+    scoring = 2 * m * width * kv_width + 2 * q * width * width + 2 * q * m * width
+    reencode = n * (20 * width * width + 4 * width * kv_width + 2 * time_embedding_dim * width) + 4 * n * n * width
+    selector_values = (
+        m * width + m * kv_width + 2 * heads * q * m  # features read, keys, question-row probabilities (write + read)
+        + n * (14 * width + 2 * kv_width)  # re-encoder: q, attn, o, residual, 4D feed-forward twice, k, v
+        + 14 * width * width + 2 * width * kv_width  # weights: scoring q/k, re-encoder q/k/v/o and feed-forward
+    )
+    stock_flops, stock_bytes = lm_prefill(m + text_tokens)
+    qtsplus_flops, qtsplus_bytes = lm_prefill(n + text_tokens)
+    patches, v_width = m * vision.spatial_merge_size**2, vision.hidden_size
+    vision_flops = patches * vision.depth * (8 * v_width * v_width + 6 * v_width * vision.intermediate_size)
+    vision_flops += m * 2 * (4 * v_width) * (4 * v_width) + m * 2 * 4 * v_width * width  # the patch merger MLP
+    return {
+        "selector_scoring_flops": scoring, "selector_reencode_flops": reencode,
+        "selector_flops": scoring + reencode, "selector_bytes": selector_values * bytes_per_value,
+        "lm_prefill_stock_flops": stock_flops, "lm_prefill_stock_bytes": stock_bytes,
+        "lm_prefill_qtsplus_flops": qtsplus_flops, "lm_prefill_qtsplus_bytes": qtsplus_bytes,
+        "vision_encoder_flops": vision_flops,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def median_row(samples: list[dict]) -> dict:
+    row = {field: statistics.median(sample[field] for sample in samples) for field in TIMED_FIELDS}
+    for field in ("kept_tokens", "prefill_length", "rho"):
+        if field in samples[0]:
+            row[field] = samples[-1][field]
+    row["samples"] = {field: [sample[field] for sample in samples] for field in TIMED_FIELDS}
+    return row
+
+
+def ratios(row: dict, stock: dict) -> dict:
+    return {field: row[field] / stock[field] if stock[field] else math.nan for field in RATIO_FIELDS}
+
+
+def environment(device: str) -> dict:
+    if device.startswith("cuda"):
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+        if os.path.exists("/proc/cpuinfo"):
+            with open("/proc/cpuinfo") as cpuinfo:
+                names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+            device_name = names[0] if names else device_name
+    return {
+        "device_name": device_name, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+    }
+
+
+def check_settings(settings: BenchSettings) -> None:
+    if not settings.frames:
+        raise ValueError("--frames: give at least one frame count")
+    if settings.repeats < 1 or settings.new_tokens < 1:
+        raise ValueError("--repeats and --new-tokens must be positive")
+    if settings.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {settings.dtype!r}")
+    if settings.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if settings.device != "cpu" and not settings.device.startswith("cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {settings.device!r}")
+
+
+def run_bench(settings: BenchSettings, model_dir: str | None = None, config_name: str = "small",
+              log: Callable[[str], None] = lambda _: None) -> dict:
+    """Benchmark stock vs QTSplus for every frame count; returns the JSON-ready report."""
+    check_settings(settings)
+    with tempfile.TemporaryDirectory(prefix="qtsplus-bench-") as scratch:
+        if model_dir is None:
+            torch.manual_seed(settings.seed)
+            random_model = Qwen2_5_VLForConditionalGeneration(bench_config(config_name)).to(DTYPES[settings.dtype])
+            with quiet_progress_bars():
+                random_model.save_pretrained(scratch)  # the memory processes load these very weights
+            del random_model
+            source = scratch
+        elif not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise ValueError(f"--model: no config.json in {model_dir}")
+        else:
+            source = model_dir
+        stock = load_stock(source, settings.device, settings.dtype)
+        if stock.config.model_type != "qwen2_5_vl":
+            raise ValueError(f"--model must be a stock Qwen2.5-VL checkpoint, got model_type {stock.config.model_type}")
+        qtsplus = qtsplus_from_stock(stock, settings.seed)
+        share_stock_tensors(qtsplus, stock)
+        models = {"stock": stock, "qtsplus_predicted": qtsplus, "qtsplus_fixed": qtsplus}
+        warm_up = on_device(
+            video_prompt(stock.config, 2, settings.resolution, settings.question_tokens, settings.seed),
+            settings.device, settings.dtype,
+        )
+        for variant in VARIANTS:  # one short run of each code path first, not recorded
+            timed_run(models[variant], warm_up, variant, settings)
+        rows = []
+        for frames in settings.frames:
+            inputs = on_device(
+                video_prompt(stock.config, frames, settings.resolution, settings.question_tokens, settings.seed),
+                settings.device, settings.dtype,
+            )
+            samples = {variant: [] for variant in VARIANTS}
+            for _ in range(settings.repeats):  # A/B/C/A/B/C: drifting machine load hits every variant alike
+                for variant in VARIANTS:
+                    samples[variant].append(timed_run(models[variant], inputs, variant, settings))
+            row = {"frames": frames, "vision_tokens": int((inputs["input_ids"] == stock.config.video_token_id).sum())}
+            for variant in VARIANTS:
+                row[variant] = median_row(samples[variant])
+                row[variant].update(
+                    measure_peak_memory(source, models[variant], inputs, variant, frames, settings),
+                    vision_output_bytes=vision_output_bytes(models[variant], inputs),
+                )
+            for variant in VARIANTS[1:]:
+                row[variant]["selector_compaction_share"] = (
+                    row[variant]["selector_compaction_seconds"] / row[variant]["total_seconds"]
+                )
+            row["ratio_to_stock"] = {variant: ratios(row[variant], row["stock"]) for variant in VARIANTS[1:]}
+            text_tokens = row["stock"]["prefill_length"] - row["vision_tokens"]
+            row["analytic_qtsplus_fixed"] = analytic_costs(
+                stock.config, row["vision_tokens"], row["qtsplus_fixed"]["kept_tokens"], text_tokens,
+                question_tokens=text_tokens - 2, bytes_per_value=torch.finfo(DTYPES[settings.dtype]).bits // 8,
+            )
+            log(summary_line(row))
+            rows.append(row)
+    return {
+        "settings": {**asdict(settings), "frames": list(settings.frames), "model": model_dir,
+                     "config": None if model_dir else config_name, "fixed_keep_ratio": FIXED_KEEP_RATIO},
+        "environment": environment(settings.device),
+        "memory_method": "cuda max_memory_allocated" if settings.device.startswith("cuda") else (
+            "peak RSS (VmHWM after clear_refs) minus RSS before the run, one fresh forkserver process per measurement"
+        ),
+        "rows": rows,
+    }
+
+
+def summary_line(row: dict) -> str:
+    fixed, stock = row["qtsplus_fixed"], row["stock"]
+    ratio = row["ratio_to_stock"]["qtsplus_fixed"]
+    return (
+        f"{row['frames']:>4} frames, {row['vision_tokens']} vision tokens: TTFT stock "
+        f"{stock['time_to_first_token_seconds']:.2f}s, QTSplus@{FIXED_KEEP_RATIO} {fixed['time_to_first_token_seconds']:.2f}s "
+        f"(x{ratio['time_to_first_token_seconds']:.2f}), peak memory x{ratio['peak_memory_bytes']:.2f}, "
+        f"predicted keeps {row['qtsplus_predicted']['kept_tokens']}"
+    )
+
+
+def save_plot(report: dict, path: str) -> None:
+    """Tokens and latency against frames for the three variants, written to a temporary file then renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    frames = [row["frames"] for row in report["rows"]]
+    figure, (tokens_axis, latency_axis) = pyplot.subplots(1, 2, figsize=(11, 4.2))
+    tokens_axis.plot(frames, [row["vision_tokens"] for row in report["rows"]], "k:", marker="o", label="vision tokens M")
+    for variant, style in zip(VARIANTS, ("C0", "C1", "C2")):
+        label = variant.replace("qtsplus_fixed", f"qtsplus keep {FIXED_KEEP_RATIO}").replace("_", " ")
+        tokens_axis.plot(frames, [row[variant]["prefill_length"] for row in report["rows"]], style, marker="o",
+                         label=f"{label}: LM prefill")
+        latency_axis.plot(frames, [row[variant]["time_to_first_token_seconds"] for row in report["rows"]], style,
+                          marker="o", label=f"{label}: first token")
+        latency_axis.plot(frames, [row[variant]["total_seconds"] for row in report["rows"]], style, linestyle="--",
+                          marker="x", label=f"{label}: {report['settings']['new_tokens']} tokens")
+    for axis, ylabel in ((tokens_axis, "tokens"), (latency_axis, "seconds (median)")):
+        axis.set_xlabel("frames")
+        axis.set_ylabel(ylabel)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    environment_line = report["environment"]["device_name"]
+    figure.suptitle(f"stock Qwen2.5-VL vs QTSplus, same weights ({environment_line})", fontsize=10)
+    figure.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile(dir=directory, suffix=".png", delete=False) as handle:
+        temporary = handle.name
+    try:
+        figure.savefig(temporary, format="png", dpi=110)
+        os.replace(temporary, path)
+    finally:
+        pyplot.close(figure)
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Selector profile (docs/performance.md): the selector alone at long-video sizes, random weights
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def profile_selector(num_tokens: int = 50_000, hidden_size: int = 2048, question_tokens: int = 32,
+                     keep_ratio: float | None = FIXED_KEEP_RATIO, repeats: int = 3, seed: int = 0) -> dict:
+    """Median seconds of scoring, budget + top-n, and the whole selector on one video of `num_tokens` tokens, with
+    a 3B-shaped selector (16 heads, 2 key/value heads) of width `hidden_size`, and the peak RSS delta of one call.
+
+    Run it in a fresh process (`python -c`): the first call's peak is measured after a small warm-up.
+    """
+    from .modeling_qtsplus_qwen2_5_vl import QTSplusSelector, budget_to_token_count, top_n_mask
+    from .tiny import tiny_qtsplus_config
+
+    torch.manual_seed(seed)
+    head_dim = hidden_size // 16
+    config = tiny_qtsplus_config(text_config=dict(
+        vocab_size=320, hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=1,
+        num_attention_heads=16, num_key_value_heads=2, bos_token_id=0, eos_token_id=2, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                         "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
+    ))
+    selector = QTSplusSelector(config).eval()
+    video = torch.randn(1, num_tokens, hidden_size)
+    video_mask = torch.ones(1, num_tokens, dtype=torch.bool)
+    query = torch.randn(1, question_tokens, hidden_size)
+    query_mask = torch.ones(1, question_tokens, dtype=torch.bool)
+    seconds = (torch.arange(num_tokens) // 256).float()[None]
+    inputs = (video, video_mask, query, query_mask, seconds, keep_ratio)
+    selector(*(tensor[:, :512] if tensor.dim() > 1 else tensor for tensor in inputs[:5]), keep_ratio)  # warm-up
+    peak = _peak_rss_delta(lambda: selector(*inputs))
+
+    def seconds_of(run) -> float:
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    scores = selector.score(video, video_mask, query, query_mask)
+    counts = budget_to_token_count(
+        selector.predict_rho(query, query_mask, scores, video_mask) if keep_ratio is None
+        else torch.tensor([keep_ratio]), video_mask.sum(-1), config.qtsplus_max_tokens if keep_ratio is None else None,
+    )
+    return {
+        "num_tokens": num_tokens, "hidden_size": hidden_size, "kept_tokens": int(counts[0]),
+        "scoring_seconds": seconds_of(lambda: selector.score(video, video_mask, query, query_mask)),
+        "top_n_seconds": seconds_of(lambda: top_n_mask(scores, counts, video_mask)),
+        "selector_seconds": seconds_of(lambda: selector(*inputs)),
+        "peak_rss_delta_bytes": peak,
+        "video_features_bytes": video.numel() * video.element_size(),
+    }
