@@ -16,14 +16,14 @@ from qtsplus_hf.data import VideoQACollator, normalize_row
 from qtsplus_hf.default_model import HELD_OUT_SEED_START, default_model_path, synthetic_options
 from qtsplus_hf.default_model.benchmark import uniform_rows, uniform_temporal_subsample
 from qtsplus_hf.default_model.train import synthetic_row
+from qtsplus_hf.evaluation import evaluate_multiple_choice
 from qtsplus_hf.synthetic import COLOURS, generate_sample
 from qtsplus_hf.training import TrainOptions, load_model_and_processor, train
 
 
-# Held-out needle videos (seeds at or above HELD_OUT_SEED_START, never trained on). Chosen once as the first needle
-# seeds of the held-out range that the committed model answers correctly at its predicted budget; the report in
-# docs/synthetic-benchmark.md gives its accuracy over 500 held-out videos. Retraining may need a new choice.
-NEEDLE_SEEDS = (10_000_000, 10_000_004)
+# The first four held-out needle videos (seeds at or above HELD_OUT_SEED_START, never trained on; seed % 4 == 0 is
+# the needle task), taken as they come, not chosen by the model's answers.
+NEEDLE_SEEDS = tuple(HELD_OUT_SEED_START + 4 * index for index in range(4))
 
 
 def test_needle_ground_truth_is_the_colour_of_the_evidence_object():
@@ -38,7 +38,13 @@ def test_needle_ground_truth_is_the_colour_of_the_evidence_object():
         assert np.abs(centre.astype(int) - np.array(COLOURS[item.colour])).max() <= 30
 
 
-def test_bundled_checkpoint_loads_offline_without_the_package_and_answers_held_out_needles(tmp_path):
+def test_bundled_checkpoint_loads_offline_without_the_package_and_answers_as_the_package_does(tmp_path):
+    # The committed model is not yet good enough to assert correct answers (docs/synthetic-benchmark.md): it answers
+    # at chance. What is checked: the remote code alone loads and runs it offline, at its predicted budget, and its
+    # replies are the package's own evaluation's choices for the same held-out videos.
+    model, processor = load_model_and_processor(default_model_path())
+    rows = [normalize_row(synthetic_row(seed)) for seed in NEEDLE_SEEDS]
+    expected = [p["prediction"] for p in evaluate_multiple_choice(model, processor, rows).predictions]
     cases = []
     for seed in NEEDLE_SEEDS:
         sample = generate_sample(seed, "needle", **synthetic_options())
@@ -79,7 +85,7 @@ def test_bundled_checkpoint_loads_offline_without_the_package_and_answers_held_o
     results = json.loads(result.stdout.strip().splitlines()[-1])
     for case, (module_root, reply, kept, total) in zip(cases, results):
         assert module_root == "transformers_modules"  # the checkpoint's own code, not the installed package
-        assert reply.strip() == case["answer"], (case["seed"], reply)
+        assert reply.strip() == expected.pop(0), case["seed"]
         assert 0 < kept <= 0.15 * total  # the predicted budget of this model: rho in [0.05, 0.15]
 
 

@@ -9,6 +9,7 @@ and by the model trained the same way without the re-encoder; every number in th
 
 import argparse
 import os
+from collections import Counter
 import platform
 import sys
 import tempfile
@@ -71,8 +72,13 @@ def benchmark(model_path: str, ablation_path: str | None, count: int, seed_start
     model, processor = load_model_and_processor(model_path)
     results = []
 
-    def run(name, evaluated_rows, keep_ratio, evaluated_model=model):
+    def run(name, evaluated_rows, keep_ratio, evaluated_model=model, full_tokens=None):
         metrics = evaluate_multiple_choice(evaluated_model, processor, evaluated_rows, keep_ratio=keep_ratio)
+        if full_tokens is not None:  # a shortened video: kept share of the whole video's tokens
+            metrics.metrics["mean_kept_ratio"] = float(np.mean(
+                [p["kept_tokens"] / total for p, total in zip(metrics.predictions, full_tokens)]))
+        letters = Counter(p["prediction"] for p in metrics.predictions)
+        metrics.metrics["most_common_reply"] = letters.most_common(1)[0][1] / len(metrics.predictions)
         log(f"{name}: accuracy {metrics.metrics['accuracy']:.3f}, kept {metrics.metrics['mean_kept_ratio']:.3f}")
         results.append((name, metrics.metrics))
         return metrics
@@ -84,7 +90,8 @@ def benchmark(model_path: str, ablation_path: str | None, count: int, seed_start
     first = predicted.predictions[0]
     tokens_per_patch = first["total_tokens"] // (len(rows[0]["video"]) // video_processor.temporal_patch_size)
     kept = [p["kept_tokens"] for p in predicted.predictions]
-    run("uniform temporal sampling, same tokens", uniform_rows(rows, kept, tokens_per_patch), 1.0)
+    run("uniform temporal sampling, same tokens", uniform_rows(rows, kept, tokens_per_patch), 1.0,
+        full_tokens=[p["total_tokens"] for p in predicted.predictions])
     if ablation_path is not None:
         ablation, _ = load_model_and_processor(ablation_path)
         if ablation.config.qtsplus_num_reencode_layers != 0:
@@ -99,7 +106,8 @@ def percent(value) -> str:
 
 
 def render_report(results: list[tuple[str, dict]], count: int, seed_start: int, command: str) -> str:
-    header = "| configuration | overall | " + " | ".join(TASKS) + " | mean kept ratio (%) | mean latency (ms) |"
+    header = ("| configuration | overall | " + " | ".join(TASKS)
+              + " | mean kept ratio (%) | mean latency (ms) | most common reply (%) |")
     lines = [
         "# Synthetic long-video QA benchmark of the bundled default model",
         "",
@@ -108,18 +116,20 @@ def render_report(results: list[tuple[str, dict]], count: int, seed_start: int, 
         "training used seeds below "
         f"{HELD_OUT_SEED_START}), four options per question (chance 25%). Latency: one question at a time, vision "
         "encoder + selector + first answer token, on this machine's CPU (shared with other jobs, so only roughly "
-        "comparable between rows).",
+        "comparable between rows). Most common reply: the share of questions answered with the most frequent "
+        "letter (the answer key is spread over A-D, so a value near 100% means the model ignores the video).",
         "",
         "```",
         command,
         "```",
         "",
         header,
-        "|" + " --- |" * (len(TASKS) + 4),
+        "|" + " --- |" * (len(TASKS) + 5),
     ]
     for name, metrics in results:
         cells = [percent(metrics["accuracy"])] + [percent(metrics.get(f"accuracy/{task}")) for task in TASKS]
-        cells += [percent(metrics["mean_kept_ratio"]), f"{1000 * metrics['mean_latency_s']:.1f}"]
+        cells += [percent(metrics["mean_kept_ratio"]), f"{1000 * metrics['mean_latency_s']:.1f}",
+                  percent(metrics["most_common_reply"])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     by_name = dict(results)
     predicted = by_name["QTSplus, predicted budget"]
