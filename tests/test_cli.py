@@ -1,24 +1,36 @@
 """The `qtsplus` console script: the quick-start command and one-line errors."""
 
+import os
 import re
 import subprocess
 import sys
 
+from qtsplus_hf.default_model import HELD_OUT_SEED_START, synthetic_options
+from qtsplus_hf.synthetic import LETTERS, TASKS, generate_sample
 
-def run_cli(*args):
+
+def run_cli(*args, **env):
     return subprocess.run(
-        [sys.executable, "-m", "qtsplus_hf.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "qtsplus_hf.cli", *args], capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, **env),
     )
 
 
-def test_demo_runs_offline_and_reports_the_selection():
-    result = run_cli("demo", "--keep-ratio", "0.25", "--temporal-patches", "8")
+def test_demo_answers_one_video_per_task_offline_and_writes_pictures(tmp_path):
+    result = run_cli("demo", "--output-dir", str(tmp_path), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     assert result.returncode == 0, result.stderr
-    kept, total = map(int, re.search(r"vision tokens kept: (\d+) of (\d+)", result.stdout).groups())
-    assert (kept, total) == (32, 128)  # ceil(0.25 * 8 patches * 16 tokens)
-    prefill = int(re.search(r"LM prefill length: (\d+)", result.stdout).group(1))
-    stock = int(re.search(r"\(stock: (\d+)\)", result.stdout).group(1))
-    assert stock - prefill == total - kept
+    answers = re.findall(r"answer: ([A-D]) \((.+?)\)   truth: ([A-D]) \((.+?)\)", result.stdout)
+    truths = [generate_sample(HELD_OUT_SEED_START + i, task, **synthetic_options()) for i, task in enumerate(TASKS)]
+    assert [(letter, text) for _, _, letter, text in answers] == [(s.answer, s.answer_text) for s in truths]
+    for (letter, text, _, _), sample in zip(answers, truths):
+        assert sample.options[LETTERS.index(letter)] == text  # the printed answer is the option it names
+    for kept, total in re.findall(r"vision tokens kept: (\d+) of (\d+)", result.stdout):
+        assert 0 < int(kept) < int(total) == 512
+    for task in TASKS:
+        with open(tmp_path / f"{task}.png", "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert f"selection picture: {tmp_path / f'{task}.png'}" in result.stdout
+        assert os.path.isfile(tmp_path / f"{task}.mp4")
 
 
 def test_bad_argument_is_one_line_and_exit_code_2():

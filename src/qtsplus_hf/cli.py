@@ -6,7 +6,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 
 from . import __version__
@@ -26,6 +25,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
 def keep_ratio(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
@@ -34,28 +40,10 @@ def keep_ratio(text: str) -> float:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    """Select from a random video on a tiny random model, and compare the LM prefill with the stock model's."""
-    import torch
+    """The bundled default model answers one held-out synthetic video per task (see `qtsplus_hf.demo`)."""
+    from .demo import run_demo as demo
 
-    from .modeling_qtsplus_qwen2_5_vl import QTSplusQwen2_5_VLForConditionalGeneration
-    from .tiny import tiny_qtsplus_config, video_prompt_batch
-
-    torch.manual_seed(args.seed)
-    config = tiny_qtsplus_config(qtsplus_max_tokens=args.max_tokens)
-    model = QTSplusQwen2_5_VLForConditionalGeneration(config).eval()
-    grid = (args.temporal_patches, 8, 8)  # 16 LM tokens per temporal patch (2 frames)
-    batch = video_prompt_batch([[grid]], [6], config, seed=args.seed)
-    start = time.perf_counter()
-    with torch.no_grad():
-        prefill = model.prepare_qtsplus_inputs(**batch, qtsplus_keep_ratio=args.keep_ratio)
-    elapsed = time.perf_counter() - start
-    selection = prefill.selection
-    print(f"qtsplus-hf {__version__} demo: tiny random Qwen2.5-VL + QTSplus, random video of {2 * grid[0]} frames")
-    print(f"vision tokens kept: {selection.num_kept[0]} of {selection.num_tokens[0]} (rho = {float(selection.rho[0]):.3f})")
-    print(f"LM prefill length: {prefill.inputs_embeds.shape[1]} (stock: {batch['input_ids'].shape[1]})")
-    covered = len(set(selection.timestamps[0].tolist()))
-    print(f"kept tokens come from {covered} of {grid[0]} temporal patches (one second each)")
-    print(f"vision + selection time: {elapsed * 1000:.1f} ms")
+    demo(output_dir=args.output_dir, seed=args.seed, keep_ratio=args.keep_ratio)
 
 
 def write_json_atomically(path: str, payload: dict) -> None:
@@ -75,30 +63,10 @@ def write_json_atomically(path: str, payload: dict) -> None:
         raise
 
 
-class StageTimer:
-    """Wall time spent inside given modules (forward hooks), e.g. the vision encoder and the selector."""
-
-    def __init__(self, **modules) -> None:
-        self.seconds = dict.fromkeys(modules, 0.0)
-        self._started: dict[str, float] = {}
-        self._hooks = []
-        for name, module in modules.items():
-            self._hooks.append(module.register_forward_pre_hook(lambda *_, n=name: self._start(n)))
-            self._hooks.append(module.register_forward_hook(lambda *_, n=name: self._stop(n)))
-
-    def _start(self, name: str) -> None:
-        self._started[name] = time.perf_counter()
-
-    def _stop(self, name: str) -> None:
-        self.seconds[name] += time.perf_counter() - self._started.pop(name)
-
-    def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-
-
 def run_answer(args: argparse.Namespace) -> None:
     """Answer a question about a video file, report what QTSplus kept and where the time went."""
+    from .default_model import default_model_path
+
     if not args.question.strip():
         raise ValueError("the question is empty")
     for flag, path in (("--viz", args.viz), ("--json", args.json)):
@@ -106,63 +74,27 @@ def run_answer(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag}: the folder of {path} does not exist")
     if not os.path.isfile(args.video):
         raise ValueError(f"video file not found: {args.video}")
-    if not os.path.isdir(args.model):
-        raise ValueError(f"model folder not found: {args.model}")
+    model_path = args.model or default_model_path()
+    if not os.path.isdir(model_path):
+        raise ValueError(f"model folder not found: {model_path}")
 
-    import torch
     from transformers import AutoModel, AutoProcessor
 
-    from .pipeline_video_text_to_text import video_question_inputs
+    from .answering import answer_video, format_seconds, save_answer_picture
 
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    start = time.perf_counter()
-    inputs, frames, metadata = video_question_inputs(
-        processor, args.video, args.question, fps=args.fps, max_frames=args.max_frames
-    )
-    decode_seconds = time.perf_counter() - start
-    timer = StageTimer(vision=model.model.visual, selection=model.qtsplus)
-    start = time.perf_counter()
-    try:
-        with torch.no_grad():
-            outputs = model.generate(
-                **inputs, qtsplus_keep_ratio=args.keep_ratio, max_new_tokens=args.max_new_tokens, do_sample=False,
-                return_dict_in_generate=True,
-            )
-    finally:
-        timer.remove()
-    generate_seconds = time.perf_counter() - start
-    answer = processor.batch_decode(outputs.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-    selection = outputs.get("qtsplus")
-    total = int((inputs["input_ids"] == model.config.video_token_id).sum())
-    result = {
-        "answer": answer,
-        "kept_tokens": selection.num_kept[0] if selection else total,
-        "total_tokens": total,
-        "rho": float(selection.rho[0]) if selection else 1.0,
-        "kept_seconds": selection.timestamps[0].unique().tolist() if selection else [],
-        "seconds": {
-            "decode": decode_seconds,
-            "vision": timer.seconds["vision"],
-            "selection": timer.seconds["selection"],
-            "generation": generate_seconds - timer.seconds["vision"] - timer.seconds["selection"],
-        },
-    }
-    print(f"answer: {answer}")
+    model = AutoModel.from_pretrained(model_path, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+    answered = answer_video(model, processor, args.video, args.question, args.keep_ratio, args.fps, args.max_frames,
+                            args.max_new_tokens)
+    result = answered.result
+    print(f"answer: {answered.answer}")
     print(f"vision tokens kept: {result['kept_tokens']} of {result['total_tokens']} (rho = {result['rho']:.3f})")
-    print("time: " + ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in result["seconds"].items()))
-    if args.viz and selection is None:
+    print("time: " + format_seconds(result["seconds"]))
+    if args.viz and answered.selection is None:
         print("selection picture: not drawn, QTSplus is disabled in this model (qtsplus_enabled=false)")
     elif args.viz:
-        from .visualize import save_selection_png, selection_figure_data
-
-        video_processor = processor.video_processor
-        data = selection_figure_data(
-            frames, tuple(inputs["video_grid_thw"][0].tolist()), selection.kept_indices[0], selection.scores[0],
-            video_processor.merge_size, video_processor.temporal_patch_size, float(inputs["second_per_grid_ts"][0]),
-        )
-        title = f"{args.question}  ->  {answer}   (kept {result['kept_tokens']}/{result['total_tokens']})"
-        save_selection_png(args.viz, data, title)
+        title = f"{args.question}  ->  {answered.answer}   (kept {result['kept_tokens']}/{result['total_tokens']})"
+        save_answer_picture(args.viz, processor, answered, title)
         print(f"selection picture: {args.viz}")
     if args.json:
         write_json_atomically(args.json, result)
@@ -187,7 +119,10 @@ def run_eval(args: argparse.Namespace) -> None:
     """Multiple-choice accuracy (overall, per question type), mean kept ratio and latency of a checkpoint."""
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise ValueError(f"--json: the folder of {args.json} does not exist")
+    if (args.data is None) == (args.synthetic is None):
+        raise ValueError("give exactly one of --data and --synthetic")
     from .data import load_video_qa
+    from .default_model import default_model_path
     from .evaluation import evaluate_multiple_choice
     from .training import load_model_and_processor
 
@@ -199,12 +134,19 @@ def run_eval(args: argparse.Namespace) -> None:
         raise ValueError(f"--device: {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is available")
-    model, processor = load_model_and_processor(args.model)
+    model, processor = load_model_and_processor(args.model or default_model_path())
     model.to(device)
-    data = load_video_qa(args.data, args.video_root)
-    rows = data.rows[: args.limit] if args.limit else data.rows
+    if args.synthetic is not None:
+        from .default_model import HELD_OUT_SEED_START
+        from .default_model.train import held_out_rows
+
+        start = HELD_OUT_SEED_START if args.synthetic_seed_start is None else args.synthetic_seed_start
+        rows, skipped = held_out_rows(args.synthetic, start=start), 0
+    else:
+        data = load_video_qa(args.data, args.video_root)
+        rows, skipped = (data.rows[: args.limit] if args.limit else data.rows), len(data.skipped)
     result = evaluate_multiple_choice(model, processor, rows, args.keep_ratio, args.fps, args.max_frames)
-    result.metrics["skipped"] += len(data.skipped)
+    result.metrics["skipped"] += skipped
     print(result.table())
     if args.json:
         write_json_atomically(args.json, {"metrics": result.metrics, "predictions": result.predictions})
@@ -241,8 +183,13 @@ def add_train_parser(commands) -> None:
 
 def add_eval_parser(commands) -> None:
     evaluation = commands.add_parser("eval", help="multiple-choice accuracy, kept ratio and latency on QA data")
-    evaluation.add_argument("--model", required=True, help="QTSplus (or stock Qwen2.5-VL) checkpoint folder")
-    evaluation.add_argument("--data", required=True, help="JSON / JSONL / CSV file or saved datasets folder")
+    evaluation.add_argument("--model", default=None,
+                            help="QTSplus (or stock Qwen2.5-VL) checkpoint folder (default: the bundled model)")
+    evaluation.add_argument("--data", default=None, help="JSON / JSONL / CSV file or saved datasets folder")
+    evaluation.add_argument("--synthetic", type=positive_int, default=None,
+                            help="instead of --data: N synthetic videos generated in memory (held-out seeds)")
+    evaluation.add_argument("--synthetic-seed-start", type=non_negative_int, default=None,
+                            help="first seed of --synthetic (default: the held-out range the default model never saw)")
     evaluation.add_argument("--video-root", default=None, help="folder that relative video paths start from")
     evaluation.add_argument("--keep-ratio", type=keep_ratio, default=None, help="fixed keep ratio (default: predicted)")
     evaluation.add_argument("--fps", type=float, default=None)
@@ -285,15 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="qtsplus", description="QTSplus query-aware video token selection.")
     parser.add_argument("--version", action="version", version=f"qtsplus-hf {__version__}")
     commands = parser.add_subparsers(dest="command")
-    demo = commands.add_parser("demo", help="select tokens from a random video on a tiny random model (offline)")
-    demo.add_argument("--temporal-patches", type=positive_int, default=32, help="video length in temporal patches")
+    demo = commands.add_parser(
+        "demo", help="the bundled model answers one synthetic video per question type, with selection pictures")
+    demo.add_argument("--output-dir", default=None, help="folder for the videos and pictures (default: a new temp one)")
+    demo.add_argument("--seed", type=non_negative_int, default=None,
+                      help="seed of the first video (default: the held-out range the default model never saw)")
     demo.add_argument("--keep-ratio", type=keep_ratio, default=None, help="fixed keep ratio (default: predicted)")
-    demo.add_argument("--max-tokens", type=positive_int, default=2560, help="n_max, the most tokens kept")
-    demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=run_demo)
 
     answer = commands.add_parser("answer", help="answer a question about a video file")
-    answer.add_argument("--model", required=True, help="QTSplus checkpoint folder")
+    answer.add_argument("--model", default=None, help="QTSplus checkpoint folder (default: the bundled model)")
     answer.add_argument("--video", required=True, help="video file")
     answer.add_argument("--question", required=True)
     answer.add_argument("--keep-ratio", type=keep_ratio, default=None, help="fixed keep ratio (default: predicted)")

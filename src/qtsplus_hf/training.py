@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .configuration_qtsplus import QTSplusConfig
-from .data import VideoQACollator, load_video_qa
+from .data import VideoQACollator, VideoQAData, load_video_qa, normalize_row
 from .hub import check_output_folder, save_checkpoint, staged_output_folder
 from .modeling_qtsplus_qwen2_5_vl import QTSplusQwen2_5_VLForConditionalGeneration
 from .processing_qtsplus import QTSplusProcessor
@@ -208,16 +208,36 @@ def training_arguments(
     )
 
 
+class NormalizedRows(torch.utils.data.Dataset):
+    """A map-style dataset of raw rows, normalised when read (`qtsplus_hf.data.normalize_row`).
+
+    For rows made on the fly (e.g. synthetic videos generated from the index): holding every video in memory at
+    once is what a list would need. A bad row raises its ValueError when read instead of being skipped up front.
+    """
+
+    def __init__(self, rows: torch.utils.data.Dataset, video_root: str | None = None) -> None:
+        if not hasattr(rows, "__len__"):
+            raise ValueError("a dataset of rows must have a length (a map-style torch Dataset)")
+        self.rows, self.video_root = rows, video_root
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return normalize_row(self.rows[index], self.video_root)
+
+
 def build_trainer(
-    model, processor: QTSplusProcessor, rows: Sequence[dict], options: TrainOptions, output_dir: str | None = None,
-    half_dtype: torch.dtype | None = None,
+    model, processor: QTSplusProcessor, rows: Sequence[dict] | torch.utils.data.Dataset, options: TrainOptions,
+    output_dir: str | None = None, half_dtype: torch.dtype | None = None,
 ) -> QTSplusTrainer:
-    """The Trainer for normalised rows (see `qtsplus_hf.data.normalize_row`)."""
+    """The Trainer for normalised rows (see `qtsplus_hf.data.normalize_row`), a list or a `NormalizedRows`."""
     collator = VideoQACollator(
         processor, fps=options.fps, max_frames=options.max_frames, keep_ratio=options.keep_ratio
     )
     arguments = training_arguments(options, output_dir or options.output, half_dtype)
-    return QTSplusTrainer(model=model, args=arguments, train_dataset=list(rows), data_collator=collator)
+    dataset = rows if isinstance(rows, torch.utils.data.Dataset) else list(rows)
+    return QTSplusTrainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator)
 
 
 def save_trained(model, processor: QTSplusProcessor, options: TrainOptions, directory: str) -> None:
@@ -241,16 +261,22 @@ class TrainResult:
     log_history: list[dict]  # the Trainer's, with lm_loss, flops_loss, kv_loss, smooth_loss, rho, kept_tokens
 
 
-def train(options: TrainOptions, rows: Sequence[dict] | None = None) -> TrainResult:
+def train(options: TrainOptions, rows: Sequence[dict] | torch.utils.data.Dataset | None = None) -> TrainResult:
     """Fine-tune `options.model` on `options.data` (or on `rows` given directly, e.g. frames in memory).
 
+    `rows` may also be a map-style `torch.utils.data.Dataset` of raw rows, read lazily (videos generated or decoded
+    per item); its rows are normalised as they are read, not checked up front.
     Everything is written into a staging folder next to `options.output` and moved into place at the end, so a
     failed run leaves no half-written output. Under torchrun / accelerate every process trains and the main process
     alone writes the result.
     """
     check_output_folder(options.output)
     model, processor = load_model_and_processor(options.model)
-    data = load_video_qa(options.data if rows is None else rows, options.video_root)
+    if isinstance(rows, torch.utils.data.Dataset) and not isinstance(rows, (list, tuple)):
+        lazy = NormalizedRows(rows, options.video_root)
+        data = VideoQAData(rows=lazy, skipped=[], total=len(lazy))
+    else:
+        data = load_video_qa(options.data if rows is None else rows, options.video_root)
     half_dtype = model.dtype if model.dtype in HALF_DTYPES else None
     torch.manual_seed(options.seed)
     model = prepare_model_for_mode(model, options)
@@ -271,6 +297,6 @@ def options_from_namespace(namespace) -> TrainOptions:
 
 
 __all__ = [
-    "LORA_TARGET_MODULES", "MODES", "QTSplusTrainer", "TrainOptions", "TrainResult", "build_trainer",
+    "LORA_TARGET_MODULES", "MODES", "NormalizedRows", "QTSplusTrainer", "TrainOptions", "TrainResult", "build_trainer",
     "load_model_and_processor", "parameters_without_gradient", "prepare_model_for_mode", "save_trained", "train",
 ]

@@ -1,0 +1,121 @@
+# Copyright 2026 The qtsplus-hf authors. Licensed under the Apache License, Version 2.0.
+"""Configuration of Qwen2.5-VL with a QTSplus query-aware visual token selector.
+
+Remote-code file: it imports only `transformers` so that `save_pretrained` can ship it beside the weights.
+"""
+
+from transformers import Qwen2_5_VLConfig
+
+
+POSITION_MODES = ("mrope", "sequential")
+
+class QTSplusConfig(Qwen2_5_VLConfig):
+    r"""
+    A [`Qwen2_5_VLConfig`] plus the flat `qtsplus_*` settings of the QTSplus selector (arXiv 2511.11910).
+
+    The selector reuses the language model's width and attention head layout (`text_config.hidden_size`,
+    `num_attention_heads`, `num_key_value_heads`), so that its attention layers can be initialised from LM
+    decoder layers.
+
+    Args:
+        qtsplus_enabled (`bool`, defaults to `True`):
+            `False` makes the model behave exactly like the stock Qwen2.5-VL (the selector weights stay loaded).
+        qtsplus_rho_min (`float`, defaults to 0.05) / qtsplus_rho_max (`float`, defaults to 0.5):
+            Range of the predicted retention ratio ρ, `0 < rho_min <= rho_max <= 1`.
+        qtsplus_tau (`float`, defaults to 0.1):
+            Temperature of the differentiable training gate `σ((r - t) / τ)`.
+        qtsplus_max_tokens (`int`, defaults to 2560):
+            n_max, the most tokens kept per video at the predicted budget.
+        qtsplus_num_scoring_layers (`int`, defaults to 1):
+            Cross-attention layers through which the question scores the video tokens (at least 1).
+        qtsplus_num_reencode_layers (`int`, defaults to 1):
+            Self-attention layers over the kept tokens; 0 disables the re-encoder.
+        qtsplus_time_embedding (`bool`, defaults to `True`):
+            Inject each kept token's absolute timestamp (seconds) into the re-encoder (`"mrope"` position mode only).
+        qtsplus_lambda_flops / qtsplus_lambda_kv / qtsplus_lambda_smooth (`float`, defaults 1.0 / 1.7 / 0.05):
+            Weights of the auxiliary losses (FLOPs proxy, KV proxy, smoothness of ρ) added to the LM loss.
+        qtsplus_budget_hidden_size (`int`, defaults to 256):
+            Hidden width of the budget head MLP `(d + 3) -> hidden -> 1`.
+        qtsplus_time_embedding_dim (`int`, defaults to 64):
+            Number of sinusoidal features of a timestamp before the learned projection to the model width.
+        qtsplus_vision_chunk_frames (`int`, defaults to 0):
+            Encode videos this many frames at a time (a multiple of the temporal patch size) so the vision encoder's
+            activation memory no longer grows with video length; 0 encodes each video at once. The features are the
+            same: the Qwen2.5-VL vision encoder attends only within a temporal patch.
+        qtsplus_position_mode (`str`, defaults to `"mrope"`):
+            How the language model sees the compacted sequence. `"mrope"`: kept video tokens keep their original 3-D
+            MRoPE positions and the re-encoder adds absolute time (this project's model). `"sequential"`: the
+            selection is spliced into the prompt with plain positions 0, 1, 2, ... on all three rotary axes and no
+            time embedding, the way the paper's released checkpoints were trained (`qtsplus convert --from official`).
+        qtsplus_base_model (`str`, *optional*):
+            Hub id of the checkpoint this model was converted from (set by `from_qwen2_5_vl` and `qtsplus convert`);
+            the model card's `base_model`.
+    """
+
+    model_type = "qtsplus_qwen2_5_vl"
+
+    qtsplus_enabled: bool = True
+    qtsplus_rho_min: float = 0.05
+    qtsplus_rho_max: float = 0.5
+    qtsplus_tau: float = 0.1
+    qtsplus_max_tokens: int = 2560
+    qtsplus_num_scoring_layers: int = 1
+    qtsplus_num_reencode_layers: int = 1
+    qtsplus_time_embedding: bool = True
+    qtsplus_lambda_flops: float = 1.0
+    qtsplus_lambda_kv: float = 1.7
+    qtsplus_lambda_smooth: float = 0.05
+    qtsplus_budget_hidden_size: int = 256
+    qtsplus_time_embedding_dim: int = 64
+    qtsplus_vision_chunk_frames: int = 0
+    qtsplus_position_mode: str = "mrope"
+    qtsplus_base_model: str | None = None
+
+    def __post_init__(self, **kwargs):
+        self._validate_qtsplus()
+        super().__post_init__(**kwargs)
+
+    def _validate_qtsplus(self) -> None:
+        def fail(field: str, expected: str) -> None:
+            raise ValueError(f"QTSplusConfig.{field} must be {expected}, got {getattr(self, field)!r}")
+
+        for field in ("qtsplus_rho_min", "qtsplus_rho_max"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                fail(field, "a number in (0, 1]")
+        if self.qtsplus_rho_min > self.qtsplus_rho_max:
+            raise ValueError(
+                f"QTSplusConfig.qtsplus_rho_min ({self.qtsplus_rho_min}) must not exceed "
+                f"qtsplus_rho_max ({self.qtsplus_rho_max})"
+            )
+        if not isinstance(self.qtsplus_tau, (int, float)) or self.qtsplus_tau <= 0:
+            fail("qtsplus_tau", "a positive number")
+        for field, minimum in (
+            ("qtsplus_max_tokens", 1),
+            ("qtsplus_num_scoring_layers", 1),
+            ("qtsplus_num_reencode_layers", 0),
+            ("qtsplus_budget_hidden_size", 1),
+            ("qtsplus_time_embedding_dim", 2),
+            ("qtsplus_vision_chunk_frames", 0),
+        ):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                fail(field, f"an integer >= {minimum}")
+        if self.qtsplus_time_embedding_dim % 2:
+            fail("qtsplus_time_embedding_dim", "even (sine and cosine pairs)")
+        temporal_patch_size = getattr(self.vision_config, "temporal_patch_size", None)
+        if temporal_patch_size is None and isinstance(self.vision_config, dict):
+            temporal_patch_size = self.vision_config.get("temporal_patch_size")
+        if self.qtsplus_vision_chunk_frames % (temporal_patch_size or 2):
+            fail("qtsplus_vision_chunk_frames", f"a multiple of the temporal patch size ({temporal_patch_size or 2})")
+        if self.qtsplus_position_mode not in POSITION_MODES:
+            fail("qtsplus_position_mode", " or ".join(repr(mode) for mode in POSITION_MODES))
+        if self.qtsplus_base_model is not None and not isinstance(self.qtsplus_base_model, str):
+            fail("qtsplus_base_model", "None or a Hub model id")
+        for field in ("qtsplus_lambda_flops", "qtsplus_lambda_kv", "qtsplus_lambda_smooth"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                fail(field, "a non-negative number")
+
+
+__all__ = ["QTSplusConfig"]

@@ -1,0 +1,1065 @@
+# Copyright 2026 The qtsplus-hf authors. Licensed under the Apache License, Version 2.0.
+"""Qwen2.5-VL with QTSplus, the query-aware visual token selector (arXiv 2511.11910).
+
+The file reads in the order of the method:
+
+1. building blocks (RMSNorm, GELU feed-forward, a GQA attention layer shaped like the LM's);
+2. scoring: the question attends to the video tokens, relevance `r_j` = max over heads and question tokens;
+3. budget: a small MLP predicts the retention ratio ρ, `n = clamp(ceil(ρM), 1, n_max)`;
+4. selection: hard top-n in original order, with a straight-through threshold gate in training;
+5. re-encoding: self-attention over the kept tokens with their absolute timestamps injected;
+6. the model: vision encoder -> selector -> drop unselected video positions (embeddings, mask, labels, 3-D MRoPE
+   positions, or plain sequential positions for the released checkpoints) -> the unchanged Qwen2.5-VL language model
+   on the shorter sequence.
+
+Remote-code file: it imports only `torch`, `transformers` and its sibling `configuration_qtsplus`.
+"""
+
+import copy
+import math
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import Qwen2_5_VLForConditionalGeneration, initialization
+from transformers.utils import ModelOutput, logging
+
+from .configuration_qtsplus import QTSplusConfig
+
+try:  # transformers >= 5.20 shares one multimodal output class across models
+    from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast as _StockCausalLMOutput
+except ImportError:  # transformers 5.17 - 5.19
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        Qwen2_5_VLCausalLMOutputWithPast as _StockCausalLMOutput,
+    )
+
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QTSplusSelection:
+    """What the selector kept, one entry per video in the order the videos appear in the batch.
+
+    Attributes:
+        kept_indices: `list[LongTensor [n_v]]`, ascending indices into that video's M_v tokens.
+        num_tokens: `list[int]`, M_v, the video's token count before selection.
+        rho: `Tensor [num_videos]`, the retention ratio used (predicted, or the caller's `qtsplus_keep_ratio`).
+        scores: `list[Tensor [M_v]]`, relevance r in [0, 1] of every token of the video.
+        timestamps: `list[Tensor [n_v]]`, start time in seconds of the temporal patch of each kept token.
+    """
+
+    kept_indices: list[torch.Tensor]
+    num_tokens: list[int]
+    rho: torch.Tensor
+    scores: list[torch.Tensor]
+    timestamps: list[torch.Tensor]
+
+    @property
+    def num_kept(self) -> list[int]:
+        return [int(indices.numel()) for indices in self.kept_indices]
+
+
+@dataclass
+class QTSplusCausalLMOutputWithPast(_StockCausalLMOutput):
+    """The stock Qwen2.5-VL causal LM output plus the selection and the loss terms.
+
+    `loss` = `lm_loss` + λ_flops·`flops_loss` + λ_kv·`kv_loss` + λ_smooth·`smooth_loss` (unweighted terms here).
+    `logits` cover the compacted sequence (text + kept video tokens) when QTSplus ran.
+    """
+
+    qtsplus: QTSplusSelection | None = None
+    lm_loss: torch.Tensor | None = None
+    flops_loss: torch.Tensor | None = None
+    kv_loss: torch.Tensor | None = None
+    smooth_loss: torch.Tensor | None = None
+
+
+@dataclass
+class QTSplusInputs:
+    """The compacted prefill the language model runs on (see `prepare_qtsplus_inputs`).
+
+    Attributes:
+        input_ids: `[batch, S']`, the ids of the kept tokens (for logits processors such as repetition penalty).
+        inputs_embeds: `[batch, S', D]`, text embeddings and re-encoded kept video tokens.
+        attention_mask: `[batch, S']`.
+        position_ids: `[4, batch, S']`, a text row (for mask construction, as `generate` builds it) then the
+            temporal / height / width MRoPE rows; kept tokens keep their original positions (position mode
+            `"sequential"`: every row is 0, 1, 2, ... over the attended tokens).
+        labels: `[batch, S']` or None.
+        rope_deltas: `[batch, 1]`, next MRoPE position minus the number of attended prefill tokens.
+        selection: the per-video selection.
+        rho_for_losses: `[num_videos]`, ρ with its graph (for the auxiliary losses).
+    """
+
+    input_ids: torch.Tensor
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor | None
+    rope_deltas: torch.Tensor
+    selection: QTSplusSelection
+    rho_for_losses: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Building blocks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class QTSplusRMSNorm(nn.Module):
+    """RMSNorm with float32 statistics. Shapes: `[..., D] -> [..., D]`."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * hidden_states.to(dtype)
+
+
+class QTSplusFeedForward(nn.Module):
+    """GELU feed-forward `D -> 4D -> D` (`net.0`, `net.2`: the released checkpoints' key layout)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden_size, 4 * hidden_size), nn.GELU(), nn.Linear(4 * hidden_size, hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.net(hidden_states)
+
+
+class QTSplusAttentionLayer(nn.Module):
+    """Pre-norm attention + feed-forward block shaped like a Qwen2.5-VL decoder attention (GQA, q/k/v bias, no o bias).
+
+    No rotary embedding: the selector is order-free; order is restored by positions and timestamps later.
+    The same parameters serve the scoring cross-attention (question -> video) and, inside a re-encode layer, the
+    self-attention over kept tokens. Its projections can be copied from an LM decoder layer.
+    """
+
+    def __init__(self, config: QTSplusConfig) -> None:
+        super().__init__()
+        text_config = config.text_config
+        hidden_size = text_config.hidden_size
+        self.num_heads = text_config.num_attention_heads
+        self.num_key_value_heads = text_config.num_key_value_heads
+        self.head_dim = hidden_size // self.num_heads
+        self.q_norm = QTSplusRMSNorm(hidden_size, text_config.rms_norm_eps)
+        self.kv_norm = QTSplusRMSNorm(hidden_size, text_config.rms_norm_eps)
+        self.q_proj = nn.Linear(hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(hidden_size, self.num_key_value_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(hidden_size, self.num_key_value_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=False)
+        self.ffn_norm = QTSplusRMSNorm(hidden_size, text_config.rms_norm_eps)
+        self.ffn = QTSplusFeedForward(hidden_size)
+        self.key_block_size = 8192  # video tokens normalised and projected at a time when scoring (`project_keys`)
+
+    def project(
+        self, queries: torch.Tensor, keys_values: torch.Tensor, time_embeds: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`[B, L, D]`, `[B, M, D]` -> q `[B, H, L, d]`, k and v `[B, H_kv, M, d]`.
+
+        `time_embeds` (`[B, M, D]`, self-attention only) is added after both norms, inside the attention branch.
+        """
+        query_in, kv_in = self.q_norm(queries), self.kv_norm(keys_values)
+        if time_embeds is not None:
+            query_in, kv_in = query_in + time_embeds, kv_in + time_embeds
+        batch, query_len, _ = queries.shape
+        kv_len = keys_values.shape[1]
+        q = self.q_proj(query_in).view(batch, query_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(kv_in).view(batch, kv_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(kv_in).view(batch, kv_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def finish(self, residual: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor:
+        """`attn_output [B, H, L, d]` -> `residual + o_proj(attn)`, then `+ ffn(ffn_norm(.))`. Shape `[B, L, D]`."""
+        batch, _, length, _ = attn_output.shape
+        hidden = residual + self.o_proj(attn_output.transpose(1, 2).reshape(batch, length, -1))
+        return hidden + self.ffn(self.ffn_norm(hidden))
+
+    def project_keys(self, keys_values: torch.Tensor, with_values: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`[B, M, D]` -> k and v `[B, H_kv, M, d]` (v is None unless `with_values`), normalised block by block.
+
+        The float32 norm of the video is needed one projection at a time, so it is computed `key_block_size` tokens
+        at a time (a loop over blocks, not tokens): its temporaries stay `[B, block, D]` instead of `[B, M, D]`
+        (M ~ 1e5 tokens, D = 2048 on long videos). Rows are independent, so the result is the same.
+        """
+        batch, kv_len, _ = keys_values.shape
+        keys, values = [], []
+        for block in keys_values.split(self.key_block_size, dim=1):
+            normed = self.kv_norm(block)
+            keys.append(self.k_proj(normed))
+            if with_values:
+                values.append(self.v_proj(normed))
+        shape = (batch, kv_len, self.num_key_value_heads, self.head_dim)
+        k = torch.cat(keys, dim=1).view(shape).transpose(1, 2)
+        v = torch.cat(values, dim=1).view(shape).transpose(1, 2) if with_values else None
+        return k, v
+
+    def cross_attention_probs(
+        self, queries: torch.Tensor, keys_values: torch.Tensor, key_mask: torch.Tensor, with_output: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention probabilities of the queries over the keys, and the attention output.
+
+        Args:
+            queries: `[B, L, D]`; keys_values: `[B, M, D]`; key_mask: bool `[B, M]`, False = padding;
+            with_output: False skips the value projection and the output (the last scoring layer needs only probs).
+        Returns:
+            probs `[B, H_kv, G*L, M]` (float32; head `h = kv*G + g`, rows ordered `(g, l)`) and
+            attention output `[B, H, L, d]` (None without `with_output`).
+        """
+        batch, length, _ = queries.shape
+        q = self.q_proj(self.q_norm(queries)).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.project_keys(keys_values, with_values=with_output)
+        groups = self.num_heads // self.num_key_value_heads
+        # Group the query heads by their shared key/value head instead of repeating k and v (M can be ~1e5). Only
+        # the question rows exist, L << M; scaling and masking happen in place on the one [B, H, L, M] buffer.
+        q = q.reshape(batch, self.num_key_value_heads, groups * length, self.head_dim)
+        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).div_(math.sqrt(self.head_dim))
+        logits = logits.masked_fill_(~key_mask[:, None, None, :], torch.finfo(logits.dtype).min)
+        probs = logits.softmax(dim=-1)
+        if not with_output:
+            return probs, None
+        attn_output = torch.matmul(probs.to(v.dtype), v).view(batch, self.num_heads, length, self.head_dim)
+        return probs, attn_output
+
+
+class QTSplusBudgetHead(nn.Module):
+    """ρ = ρ_min + (ρ_max − ρ_min)·σ(MLP([mean(Q), log M, max r, H(p)])), MLP `(D+3) -> hidden -> 1` with GELU."""
+
+    def __init__(self, config: QTSplusConfig) -> None:
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.rho_min = config.qtsplus_rho_min
+        self.rho_max = config.qtsplus_rho_max
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size + 3, config.qtsplus_budget_hidden_size),
+            nn.GELU(),
+            nn.Linear(config.qtsplus_budget_hidden_size, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """`features [V, D+3]` -> ρ `[V]` (float32)."""
+        logits = self.mlp(features).squeeze(-1).float()
+        return self.rho_min + (self.rho_max - self.rho_min) * torch.sigmoid(logits)
+
+
+class QTSplusTimeEmbedding(nn.Module):
+    """Absolute time in seconds -> sinusoidal features -> `Linear` to the model width. `[...] -> [..., D]`."""
+
+    def __init__(self, config: QTSplusConfig) -> None:
+        super().__init__()
+        self.num_frequencies = config.qtsplus_time_embedding_dim // 2
+        self.proj = nn.Linear(config.qtsplus_time_embedding_dim, config.text_config.hidden_size)
+
+    def forward(self, seconds: torch.Tensor) -> torch.Tensor:
+        exponent = torch.arange(self.num_frequencies, device=seconds.device, dtype=torch.float32) / self.num_frequencies
+        angles = seconds.float()[..., None] * torch.exp(-math.log(10000.0) * exponent)
+        return self.proj(torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.proj.weight.dtype))
+
+
+class QTSplusReencodeLayer(nn.Module):
+    """Self-attention over the kept tokens of a video, time injected inside the attention branch.
+
+    Its residual branches (`core.o_proj`, `core.ffn.net.2`) start at zero, so a fresh layer is the identity.
+    """
+
+    def __init__(self, config: QTSplusConfig) -> None:
+        super().__init__()
+        self.core = QTSplusAttentionLayer(config)
+        # Read by `_init_weights` on the Linear itself: transformers skips init hooks on parameter-less parents.
+        for residual_output in (self.core.o_proj, self.core.ffn.net[2]):
+            residual_output.zero_init = True
+
+    def forward(
+        self, hidden_states: torch.Tensor, key_mask: torch.Tensor, time_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`hidden_states [V, N, D]`, bool `key_mask [V, N]` (False = padding), `time_embeds [V, N, D]` or None."""
+        q, k, v = self.core.project(hidden_states, hidden_states, time_embeds)
+        attn_output = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_mask[:, None, None, :], enable_gqa=self.core.num_heads != self.core.num_key_value_heads
+        )
+        return self.core.finish(hidden_states, attn_output)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2-5. The selector
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def budget_to_token_count(rho: torch.Tensor, num_tokens: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
+    """n = clamp(ceil(ρ·M), 1, n_max) per video (`max_tokens=None`: no n_max, as for a caller-fixed ratio).
+
+    ρ arrives in float32, whose rounding would turn ρ=0.1, M=30 into ceil(3.00000004) = 4: the product is shrunk by
+    a relative 1e-6 (well above float32's 6e-8) before the ceiling.
+    """
+    counts = torch.ceil(rho.detach().double() * num_tokens.double() * (1 - 1e-6)).long()
+    upper = num_tokens if max_tokens is None else num_tokens.clamp(max=max_tokens)
+    return torch.minimum(counts.clamp(min=1), upper)
+
+
+def top_n_mask(scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Bool `[V, M]`, True at each video's `counts[v]` highest `scores` among its `valid` tokens."""
+    order = scores.masked_fill(~valid, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    rank_kept = torch.arange(scores.shape[-1], device=scores.device)[None, :] < counts[:, None]
+    return torch.zeros_like(valid).scatter(-1, order, rank_kept)
+
+
+def soft_threshold(
+    scores: torch.Tensor, rho: torch.Tensor, valid: torch.Tensor, tau: float, iterations: int = 40,
+    max_tokens: int | None = None,
+) -> torch.Tensor:
+    """Threshold t `[V]` with Σ_j σ((r_j − t)/τ) = min(ρ·M, n_max) over the valid tokens, differentiable in r and ρ.
+
+    The soft budget is capped like the hard count, so the gate never credits tokens that n_max dropped.
+
+    Bisection finds the root without a graph; one Newton step from it (whose value change is ~0) then carries the
+    exact implicit-function gradient dt/dr, dt/dρ, without back-propagating through the iterations.
+    """
+    target = rho * valid.sum(-1)
+    if max_tokens is not None:
+        target = target.clamp(max=float(max_tokens))
+    with torch.no_grad():
+        detached = scores.detach()
+        low = detached.masked_fill(~valid, float("inf")).amin(-1) - 20 * tau
+        high = detached.masked_fill(~valid, float("-inf")).amax(-1) + 20 * tau
+        for _ in range(iterations):
+            mid = (low + high) / 2
+            kept_mass = (torch.sigmoid((detached - mid[:, None]) / tau) * valid).sum(-1)
+            too_many = kept_mass > target.detach()
+            low, high = torch.where(too_many, mid, low), torch.where(too_many, high, mid)
+        root = (low + high) / 2
+    gate = torch.sigmoid((scores - root[:, None]) / tau) * valid
+    residual = gate.sum(-1) - target
+    slope = -(gate * (1 - gate)).sum(-1) / tau
+    return root - residual / slope.clamp(max=-1e-12)
+
+
+class QTSplusSelector(nn.Module):
+    """Scores video tokens by the question, predicts the budget, keeps top-n, re-encodes them with time.
+
+    Parameter layout (maps 1:1 onto the released checkpoints' `qts_plus.selector.*`): `scoring_layers.N`,
+    `budget.mlp.{0,2}`, `reencode_layers.N.core`, plus `time_embedding.proj` (this project's absolute-time input).
+    """
+
+    def __init__(self, config: QTSplusConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.scoring_layers = nn.ModuleList(
+            [QTSplusAttentionLayer(config) for _ in range(config.qtsplus_num_scoring_layers)]
+        )
+        self.budget = QTSplusBudgetHead(config)
+        self.reencode_layers = nn.ModuleList(
+            [QTSplusReencodeLayer(config) for _ in range(config.qtsplus_num_reencode_layers)]
+        )
+        # The released checkpoints (sequential positions) were trained without a time input.
+        use_time = (
+            config.qtsplus_time_embedding
+            and config.qtsplus_num_reencode_layers > 0
+            and config.qtsplus_position_mode == "mrope"
+        )
+        self.time_embedding = QTSplusTimeEmbedding(config) if use_time else None
+        # Running mean of ρ over training, the reference of the smoothness loss (not saved with the weights).
+        self.register_buffer("rho_sum", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("rho_count", torch.zeros((), dtype=torch.float64), persistent=False)
+
+    def score(
+        self, video: torch.Tensor, video_mask: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Relevance r `[V, M]` in [0, 1]: max over heads and question tokens of the last layer's attention.
+
+        Args:
+            video `[V, M, D]`, video_mask bool `[V, M]`, query `[V, L, D]`, query_mask bool `[V, L]`.
+        """
+        for layer in self.scoring_layers[:-1]:
+            _, attn_output = layer.cross_attention_probs(query, video, video_mask)
+            query = layer.finish(query, attn_output)
+        probs, _ = self.scoring_layers[-1].cross_attention_probs(query, video, video_mask, with_output=False)
+        groups = probs.shape[2] // query.shape[1]
+        # Max over the key/value heads first (a [V, G*L, M] result, H_kv times smaller than probs); then padded
+        # question rows must not vote: probabilities are >= 0, so zeroing them removes them from the max.
+        per_row = probs.amax(dim=1)
+        row_mask = query_mask.repeat(1, groups)[:, :, None]
+        return per_row.masked_fill(~row_mask, 0.0).amax(dim=1) * video_mask
+
+    def predict_rho(
+        self, query: torch.Tensor, query_mask: torch.Tensor, scores: torch.Tensor, video_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """ρ `[V]` from [mean question embedding, log M, max r, entropy of p = r / Σr]."""
+        query_mean = (query * query_mask[..., None]).sum(1) / query_mask.sum(1, keepdim=True)
+        num_tokens = video_mask.sum(-1).float()
+        p = scores / scores.sum(-1, keepdim=True).clamp_min(1e-12)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
+        stats = torch.stack([num_tokens.log(), scores.amax(-1), entropy], dim=-1)
+        return self.budget(torch.cat([query_mean.float(), stats], dim=-1).to(query.dtype))
+
+    def reencode(self, kept: torch.Tensor, kept_mask: torch.Tensor, seconds: torch.Tensor) -> torch.Tensor:
+        """Kept tokens `[V, N, D]`, bool `kept_mask [V, N]`, timestamps `seconds [V, N]` -> `[V, N, D]`."""
+        time_embeds = self.time_embedding(seconds) if self.time_embedding is not None else None
+        for layer in self.reencode_layers:
+            kept = layer(kept, kept_mask, time_embeds)
+        return kept
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        video_mask: torch.Tensor,
+        query: torch.Tensor,
+        query_mask: torch.Tensor,
+        seconds: torch.Tensor,
+        keep_ratio: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Select and re-encode, batched over videos padded to a common length.
+
+        Args:
+            video `[V, M, D]`, video_mask bool `[V, M]`, query `[V, L, D]` (the question of each video's sample),
+            query_mask bool `[V, L]`, seconds `[V, M]` (timestamp of every video token), keep_ratio: None for the
+            predicted budget, else a fixed ratio in (0, 1] (n_max does not apply then).
+        Returns:
+            keep bool `[V, M]`; kept tokens re-encoded, flattened in video order `[Σn, D]`; ρ `[V]` (with graph);
+            scores `[V, M]`.
+        """
+        scores = self.score(video, video_mask, query, query_mask)
+        num_tokens = video_mask.sum(-1)
+        if keep_ratio is None:
+            rho = self.predict_rho(query, query_mask, scores, video_mask)
+            counts = budget_to_token_count(rho, num_tokens, self.config.qtsplus_max_tokens)
+        else:
+            rho = torch.full_like(num_tokens, keep_ratio, dtype=torch.float32)
+            counts = budget_to_token_count(rho, num_tokens, None)
+        keep = top_n_mask(scores, counts, video_mask)
+
+        kept_features = video
+        if self.training:
+            # Straight-through gate: forward value exactly 1 on kept tokens, gradient of σ((r − t)/τ) backwards,
+            # so the LM loss reaches the scoring layers (through r) and the budget head (through t(ρ)).
+            cap = self.config.qtsplus_max_tokens if keep_ratio is None else None
+            threshold = soft_threshold(scores, rho, video_mask, self.config.qtsplus_tau, max_tokens=cap)
+            soft = torch.sigmoid((scores - threshold[:, None]) / self.config.qtsplus_tau)
+            gate = keep.to(soft.dtype) + (soft - soft.detach())
+            kept_features = video * gate[..., None].to(video.dtype)
+
+        # Pack each video's kept tokens to the front of a [V, N] grid, in their original order.
+        slot = keep.long().cumsum(-1) - 1
+        packed_shape = (video.shape[0], int(counts.max()))
+        rows = torch.arange(video.shape[0], device=video.device)[:, None].expand_as(keep)[keep]
+        packed = video.new_zeros(*packed_shape, video.shape[-1])
+        packed[rows, slot[keep]] = kept_features[keep]
+        packed_seconds = seconds.new_zeros(packed_shape)
+        packed_seconds[rows, slot[keep]] = seconds[keep]
+        packed_mask = torch.arange(packed_shape[1], device=video.device)[None, :] < counts[:, None]
+        if len(self.reencode_layers) > 0:
+            packed = self.reencode(packed, packed_mask, packed_seconds)
+        return keep, packed[packed_mask], rho, scores
+
+    def smoothness_loss(self, rho: torch.Tensor) -> torch.Tensor:
+        """(ρ − running mean of ρ over training)², averaged over videos; the running mean updates in training."""
+        if self.training:
+            with torch.no_grad():
+                self.rho_sum += rho.detach().double().sum()
+                self.rho_count += rho.numel()
+        if self.rho_count == 0:
+            return (rho - rho.detach().mean()).pow(2).mean()
+        return (rho - (self.rho_sum / self.rho_count).to(rho.dtype)).pow(2).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. The model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def compact_rows(
+    tensor: torch.Tensor, keep: torch.Tensor, destination: torch.Tensor, length: int, pad_value: float | int
+) -> torch.Tensor:
+    """Move the kept entries of `tensor [B, S, ...]` to `destination [B, S]` in a new `[B, length, ...]` tensor."""
+    rows = torch.arange(tensor.shape[0], device=tensor.device)[:, None].expand_as(keep)[keep]
+    out = tensor.new_full((tensor.shape[0], length, *tensor.shape[2:]), pad_value)
+    out[rows, destination[keep]] = tensor[keep]
+    return out
+
+
+def video_token_timestamps(
+    video_grid_thw: torch.Tensor, second_per_grid_ts, spatial_merge_size: int, device: torch.device
+) -> torch.Tensor:
+    """Start time in seconds of the temporal patch of every LM video token, `[V, max M_v]` (0 past a video's end)."""
+    if second_per_grid_ts is None:  # the stock model's default spacing: one second per temporal patch
+        second_per_grid_ts = [1.0] * len(video_grid_thw)
+    grid = video_grid_thw.to(device)
+    tokens_per_patch = (grid[:, 1] // spatial_merge_size) * (grid[:, 2] // spatial_merge_size)
+    num_tokens = grid[:, 0] * tokens_per_patch
+    slots = torch.arange(int(num_tokens.max()), device=device)[None, :]
+    interval = torch.as_tensor(second_per_grid_ts, dtype=torch.float32, device=device)
+    seconds = (slots // tokens_per_patch[:, None]).float() * interval[:, None]
+    return seconds.masked_fill(slots >= num_tokens[:, None], 0.0)
+
+
+class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL whose video tokens pass through the QTSplus selector before the language model.
+
+    Takes exactly what `Qwen2_5_VLProcessor` (or `QTSplusProcessor`) returns, plus
+    `qtsplus_query_mask` (bool `[batch, seq]`, the question tokens) and `qtsplus_keep_ratio` (None = predicted
+    budget, a float in (0, 1] = keep that share of every video's tokens). With `config.qtsplus_enabled=False`, or
+    without videos, it is the stock model.
+    """
+
+    config_class = QTSplusConfig
+    config: QTSplusConfig
+    _auto_class_names = ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText")
+    # The loss adds per-batch means (the auxiliary terms) to the LM loss, so the Trainer must average micro-batches
+    # itself under gradient accumulation instead of handing `num_items_in_batch` to the LM loss alone.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: QTSplusConfig) -> None:
+        super().__init__(config)
+        self.qtsplus = QTSplusSelector(config)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if getattr(module, "zero_init", False):  # the re-encoder's residual outputs: a fresh layer is the identity
+            initialization.zeros_(module.weight)
+            if module.bias is not None:
+                initialization.zeros_(module.bias)
+
+    # -- inputs ----------------------------------------------------------------------------------------------------
+
+    def _check_keep_ratio(self, keep_ratio: float | None) -> None:
+        if keep_ratio is None:
+            return
+        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
+            raise ValueError(f"qtsplus_keep_ratio must be None or a number in (0, 1], got {keep_ratio!r}")
+
+    def _question_mask(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None,
+        query_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Bool `[B, S]`: the caller's mask, else every attended non-vision token that is not a label."""
+        if query_mask is not None:
+            if query_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"qtsplus_query_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                    f"got {tuple(query_mask.shape)}"
+                )
+            question = query_mask.bool() & attention_mask.bool()
+        else:
+            vision_ids = torch.tensor(
+                [
+                    self.config.image_token_id,
+                    self.config.video_token_id,
+                    self.config.vision_start_token_id,
+                    self.config.vision_end_token_id,
+                ],
+                device=input_ids.device,
+            )
+            question = attention_mask.bool() & ~torch.isin(input_ids, vision_ids)
+        if labels is not None:  # the answer must never steer the selection
+            question = question & (labels == IGNORE_INDEX)
+        has_video = (input_ids == self.config.video_token_id).any(-1)
+        empty = (has_video & ~question.any(-1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"the question is empty in batch row(s) {empty}: qtsplus_query_mask (or, without it, the attended "
+                "non-vision, non-label tokens) must mark at least one token in every sample with a video"
+            )
+        return question
+
+    def _video_owner(self, video_positions: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+        """Batch row of each video `[V]`, checking that no video's placeholders straddle two rows.
+
+        `video_positions [B, S]` marks the placeholders; videos fill them in row-major order, like `masked_scatter`.
+        """
+        row_ends = video_positions.sum(-1).cumsum(0)
+        video_ends = num_tokens.cumsum(0)
+        owner = torch.searchsorted(row_ends, video_ends - num_tokens, right=True)
+        last_owner = torch.searchsorted(row_ends, video_ends - 1, right=True)
+        if not torch.equal(owner, last_owner):
+            raise ValueError("the video placeholder tokens of one video are split across batch rows")
+        return owner
+
+    def _check_chunk_frames(self, chunk_frames: int | None) -> None:
+        if chunk_frames is None:
+            return
+        temporal_patch_size = self.config.vision_config.temporal_patch_size
+        if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 0 or (
+            chunk_frames % temporal_patch_size
+        ):
+            raise ValueError(
+                "qtsplus_vision_chunk_frames must be None or an integer >= 0 that is a multiple of the temporal patch "
+                f"size ({temporal_patch_size}), got {chunk_frames!r}"
+            )
+
+    def encode_videos(
+        self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.LongTensor, chunk_frames: int | None = None
+    ) -> list[torch.Tensor]:
+        """Vision features `[M_v, D]` per video, encoded `chunk_frames` frames at a time (0: whole videos; None:
+        `config.qtsplus_vision_chunk_frames`).
+
+        The encoder's attention never crosses a temporal patch (window attention within a frame patch, full
+        attention within `cu_seqlens` of one temporal patch), so chunks of whole temporal patches give the same
+        features while bounding its activation memory.
+        """
+        self._check_chunk_frames(chunk_frames)
+        if chunk_frames is None:
+            chunk_frames = self.config.qtsplus_vision_chunk_frames
+        chunk = chunk_frames // self.config.vision_config.temporal_patch_size
+        if chunk == 0:
+            return list(self.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output)
+        merge = self.config.vision_config.spatial_merge_size**2
+        features, offset = [], 0
+        for grid_t, grid_h, grid_w in video_grid_thw.tolist():
+            video, written = None, 0
+            for start in range(0, grid_t, chunk):  # a loop over chunks of frames, not tokens
+                grid = torch.tensor([[min(chunk, grid_t - start), grid_h, grid_w]], device=video_grid_thw.device)
+                rows = int(grid.prod())
+                (piece,) = self.model.get_video_features(pixel_values_videos[offset : offset + rows], grid).pooler_output
+                if video is None:  # filled chunk by chunk: concatenating at the end would hold the features twice
+                    video = piece.new_empty(grid_t * grid_h * grid_w // merge, piece.shape[-1])
+                video[written : written + len(piece)] = piece
+                offset, written = offset + rows, written + len(piece)
+            features.append(video)
+        return features
+
+    def prepare_qtsplus_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values_videos: torch.Tensor,
+        video_grid_thw: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        qtsplus_query_mask: torch.Tensor | None = None,
+        qtsplus_keep_ratio: float | None = None,
+        qtsplus_vision_chunk_frames: int | None = None,
+    ) -> QTSplusInputs:
+        """Run the vision encoder and the selector once and build the compacted prefill (see `QTSplusInputs`).
+
+        Unselected `<|video_pad|>` positions are removed from the embeddings, mask, labels and positions; the rows
+        are re-padded to the longest one on the side the batch was padded on (left unless a row ends in padding).
+        """
+        self._check_keep_ratio(qtsplus_keep_ratio)
+        if input_ids is None:
+            raise ValueError("QTSplus needs input_ids to find the question and the video placeholders")
+        if video_grid_thw is None:
+            raise ValueError("video_grid_thw is required with pixel_values_videos")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if mm_token_type_ids is None:
+            mm_token_type_ids = (input_ids == self.config.image_token_id).int() + 2 * (
+                input_ids == self.config.video_token_id
+            ).int()
+        question = self._question_mask(input_ids, attention_mask, labels, qtsplus_query_mask)
+        image_embeds = None
+        if pixel_values is not None:
+            image_embeds = torch.cat(self.model.get_image_features(pixel_values, image_grid_thw).pooler_output)
+
+        video_positions = input_ids == self.config.video_token_id
+        video_embeds = self.encode_videos(pixel_values_videos, video_grid_thw, qtsplus_vision_chunk_frames)
+        num_tokens = torch.tensor([len(v) for v in video_embeds], device=input_ids.device)
+        if int(video_positions.sum()) != int(num_tokens.sum()):
+            raise ValueError(
+                f"video placeholder tokens ({int(video_positions.sum())}) do not match the video features "
+                f"({int(num_tokens.sum())} from video_grid_thw); the prompt and the videos disagree"
+            )
+        owner = self._video_owner(video_positions, num_tokens)
+
+        # Question of each video's sample, padded: [V, L, D] and [V, L]. Only the question (here) and the compacted
+        # sequence (below) are embedded: a [B, S, D] embedding of every placeholder is as large as the video features.
+        question_embeds = self._question_embeddings(input_ids, question, image_embeds)
+        question_lengths = question.sum(-1)
+        query_slots = torch.arange(int(question_lengths.max()), device=input_ids.device)
+        query_mask = query_slots[None, :] < question_lengths[:, None]
+        query = question_embeds.new_zeros(*query_mask.shape, question_embeds.shape[-1])
+        query[query_mask] = question_embeds
+        # One video (the usual case) is used as it is: padding would copy all M_v x D features.
+        video = video_embeds[0][None] if len(video_embeds) == 1 else nn.utils.rnn.pad_sequence(video_embeds, True)
+        video = video.to(question_embeds.dtype)
+        video_mask = torch.arange(video.shape[1], device=video.device)[None, :] < num_tokens[:, None]
+        seconds = video_token_timestamps(
+            video_grid_thw, second_per_grid_ts, self.config.vision_config.spatial_merge_size, video.device
+        )
+        keep, kept_tokens, rho, scores = self.qtsplus(
+            video, video_mask, query[owner], query_mask[owner], seconds, qtsplus_keep_ratio
+        )
+
+        # Drop the unselected placeholders (and the old padding: the shortened rows are padded afresh), then embed
+        # the compacted ids and place the image features and the re-encoded kept tokens.
+        sequence_keep = attention_mask != 0
+        sequence_keep[video_positions] = keep[video_mask]
+        new_lengths = sequence_keep.sum(-1)
+        length = int(new_lengths.max())
+        right_padded = bool((attention_mask[:, -1] == 0).any())
+        destination = sequence_keep.long().cumsum(-1) - 1
+        if not right_padded:
+            destination = destination + (length - new_lengths)[:, None]
+        compact = partial(compact_rows, keep=sequence_keep, destination=destination, length=length)
+        new_attention_mask = compact(attention_mask, pad_value=0)
+        text_positions = (new_attention_mask.long().cumsum(-1) - 1).masked_fill(new_attention_mask == 0, 0)
+        if self.config.qtsplus_position_mode == "sequential":
+            # The released checkpoints' LM saw the spliced sequence as plain text: 0, 1, 2, ... on every rotary
+            # axis, so decoding continues at the attended length (rope_deltas 0).
+            mrope_positions = text_positions[None].expand(3, -1, -1)
+            rope_deltas = torch.zeros_like(new_lengths)[:, None]
+        else:
+            position_ids, _ = self.model.get_rope_index(
+                input_ids,
+                mm_token_type_ids=mm_token_type_ids,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                second_per_grid_ts=second_per_grid_ts,
+                attention_mask=attention_mask,
+            )
+            mrope_positions = compact(position_ids.permute(1, 2, 0), pad_value=0).permute(2, 0, 1)
+            # Decoding continues after the largest stock position, which a dropped video token may have held.
+            next_position = position_ids.masked_fill(attention_mask[None] == 0, 0).amax(dim=(0, 2)) + 1
+            rope_deltas = (next_position - new_attention_mask.sum(-1))[:, None]
+
+        kept_ids = compact(input_ids, pad_value=self.config.text_config.pad_token_id or 0)
+        inputs_embeds = self._compacted_embeddings(kept_ids, new_attention_mask, image_embeds, kept_tokens)
+
+        kept_per_video = keep.sum(-1).tolist()
+        selection = QTSplusSelection(
+            kept_indices=list(keep.nonzero()[:, 1].split(kept_per_video)),
+            num_tokens=num_tokens.tolist(),
+            rho=rho.detach(),
+            scores=list(scores[video_mask].detach().split(num_tokens.tolist())),
+            timestamps=list(seconds[keep].split(kept_per_video)),
+        )
+        return QTSplusInputs(
+            input_ids=kept_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=new_attention_mask,
+            position_ids=torch.cat([text_positions[None], mrope_positions], dim=0),
+            labels=None if labels is None else compact(labels, pad_value=IGNORE_INDEX),
+            rope_deltas=rope_deltas,
+            selection=selection,
+            rho_for_losses=rho,
+        )
+
+    def _question_embeddings(
+        self, input_ids: torch.Tensor, question: torch.Tensor, image_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Embeddings `[Q, D]` of the question tokens, row-major; image features where a question covers an image."""
+        question_embeds = self.get_input_embeddings()(input_ids[question])
+        if image_embeds is not None:
+            image_positions = input_ids == self.config.image_token_id
+            image_rank = image_positions.flatten().long().cumsum(0).view_as(input_ids) - 1
+            in_question = image_positions[question]
+            question_embeds[in_question] = image_embeds[image_rank[question][in_question]].to(question_embeds.dtype)
+        return question_embeds
+
+    def _compacted_embeddings(
+        self, kept_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor | None,
+        kept_tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        """`[B, S', D]`: embeddings of the compacted ids, image features and the kept video tokens in their slots."""
+        inputs_embeds = self.get_input_embeddings()(kept_ids)
+        if image_embeds is not None:
+            image_mask, _ = self.model.get_placeholder_mask(
+                kept_ids, inputs_embeds=inputs_embeds, image_features=image_embeds
+            )
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds.to(inputs_embeds.dtype))
+        video_slots = (kept_ids == self.config.video_token_id) & attention_mask.bool()
+        return inputs_embeds.masked_scatter(video_slots[..., None], kept_tokens.to(inputs_embeds.dtype))
+
+    def _runs_selector(self, pixel_values_videos: torch.Tensor | None) -> bool:
+        return bool(self.config.qtsplus_enabled) and pixel_values_videos is not None
+
+    # -- public API ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def select(self, **inputs) -> QTSplusSelection:
+        """Run only the vision encoder and the selector on processor outputs; returns the `QTSplusSelection`."""
+        if inputs.get("pixel_values_videos") is None:
+            raise ValueError("select() needs pixel_values_videos (and video_grid_thw): there is no video to select from")
+        return self.prepare_qtsplus_inputs(**inputs).selection
+
+    def auxiliary_losses(self, rho: torch.Tensor, num_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Compute proxies per video, averaged: FLOPs (ρM)²/n_max², KV cache ρM/n_max, smoothness of ρ."""
+        kept = rho * num_tokens.to(rho.dtype)
+        max_tokens = float(self.config.qtsplus_max_tokens)
+        return {
+            "flops_loss": (kept / max_tokens).pow(2).mean(),
+            "kv_loss": (kept / max_tokens).mean(),
+            "smooth_loss": self.qtsplus.smoothness_loss(rho),
+        }
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        qtsplus_query_mask: torch.Tensor | None = None,
+        qtsplus_keep_ratio: float | None = None,
+        qtsplus_vision_chunk_frames: int | None = None,
+        **kwargs,
+    ) -> QTSplusCausalLMOutputWithPast:
+        r"""
+        Same as [`Qwen2_5_VLForConditionalGeneration.forward`] (the cache and the rest pass through `kwargs`), plus:
+
+        qtsplus_query_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            The question tokens. Default: every attended non-vision token whose label is -100.
+        qtsplus_keep_ratio (`float`, *optional*):
+            None: the predicted budget. A float in (0, 1]: keep that share of each video's tokens (1.0 keeps all).
+        qtsplus_vision_chunk_frames (`int`, *optional*):
+            Overrides `config.qtsplus_vision_chunk_frames` for this call (0 encodes each video at once).
+
+        When the selector runs, `logits` (and the loss) cover the compacted sequence.
+        """
+        self._check_keep_ratio(qtsplus_keep_ratio)
+        self._check_chunk_frames(qtsplus_vision_chunk_frames)
+        return_dict = kwargs.pop("return_dict", None)
+        stock_inputs = dict(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            return_dict=True,
+            **kwargs,
+        )
+        if not self._runs_selector(pixel_values_videos):
+            outputs = super().forward(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                pixel_values=pixel_values,
+                pixel_values_videos=pixel_values_videos,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                mm_token_type_ids=mm_token_type_ids,
+                second_per_grid_ts=second_per_grid_ts,
+                **stock_inputs,
+            )
+            result = QTSplusCausalLMOutputWithPast(**outputs, lm_loss=outputs.loss)
+            return result if return_dict is not False else result.to_tuple()
+        if inputs_embeds is not None or position_ids is not None:
+            raise ValueError("with pixel_values_videos, pass input_ids (not inputs_embeds / position_ids): QTSplus "
+                             "builds the embeddings and positions of the compacted sequence itself")
+
+        prefill = self.prepare_qtsplus_inputs(
+            input_ids=input_ids,
+            pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw,
+            attention_mask=attention_mask,
+            labels=labels,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            second_per_grid_ts=second_per_grid_ts,
+            qtsplus_query_mask=qtsplus_query_mask,
+            qtsplus_keep_ratio=qtsplus_keep_ratio,
+            qtsplus_vision_chunk_frames=qtsplus_vision_chunk_frames,
+        )
+        stock_inputs.update(
+            attention_mask=prefill.attention_mask, position_ids=prefill.position_ids[1:], labels=prefill.labels
+        )
+        outputs = super().forward(inputs_embeds=prefill.inputs_embeds, **stock_inputs)
+        self.model.rope_deltas = prefill.rope_deltas
+
+        result = QTSplusCausalLMOutputWithPast(**outputs, qtsplus=prefill.selection, lm_loss=outputs.loss)
+        if labels is not None:
+            num_tokens = torch.tensor(prefill.selection.num_tokens, device=prefill.rho_for_losses.device)
+            aux = self.auxiliary_losses(prefill.rho_for_losses, num_tokens)
+            for name, value in aux.items():
+                setattr(result, name, value)
+            result.loss = (
+                outputs.loss
+                + self.config.qtsplus_lambda_flops * aux["flops_loss"]
+                + self.config.qtsplus_lambda_kv * aux["kv_loss"]
+                + self.config.qtsplus_lambda_smooth * aux["smooth_loss"]
+            )
+        return result if return_dict is not False else result.to_tuple()
+
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        qtsplus_query_mask: torch.Tensor | None = None,
+        qtsplus_keep_ratio: float | None = None,
+        qtsplus_vision_chunk_frames: int | None = None,
+        **kwargs,
+    ):
+        """`GenerationMixin.generate` with the selector run once, at prefill.
+
+        The language model decodes from the compacted prefix (embeddings, mask and `[4, B, S']` positions, which
+        `generate` extends by +1 per new token); the returned sequences still begin with the caller's `input_ids`.
+        """
+        self._check_keep_ratio(qtsplus_keep_ratio)
+        self._check_chunk_frames(qtsplus_vision_chunk_frames)
+        stock_inputs = dict(
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            second_per_grid_ts=second_per_grid_ts,
+        )
+        if not self._runs_selector(pixel_values_videos):
+            stock_inputs = {key: value for key, value in stock_inputs.items() if value is not None}
+            return super().generate(input_ids, **stock_inputs, **kwargs)
+        if input_ids is None:
+            raise ValueError("QTSplus generate needs input_ids alongside pixel_values_videos")
+
+        with torch.no_grad():
+            prefill = self.prepare_qtsplus_inputs(
+                input_ids=input_ids, qtsplus_query_mask=qtsplus_query_mask, qtsplus_keep_ratio=qtsplus_keep_ratio,
+                qtsplus_vision_chunk_frames=qtsplus_vision_chunk_frames, **stock_inputs,
+            )
+        self.model.rope_deltas = prefill.rope_deltas
+        dropped = input_ids.shape[1] - prefill.input_ids.shape[1]
+        outputs = super().generate(
+            input_ids=prefill.input_ids,  # what logits processors (repetition penalty, ...) see as the prompt
+            inputs_embeds=prefill.inputs_embeds,
+            attention_mask=prefill.attention_mask,
+            position_ids=prefill.position_ids,
+            **self._shift_length_limits(kwargs, dropped),
+        )
+        # Swap the compacted prompt for the caller's (repeated when num_return_sequences / beams grew the batch).
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+        sequences = torch.cat([prompt, sequences[:, prefill.input_ids.shape[1]:]], dim=-1)
+        if isinstance(outputs, torch.Tensor):
+            return sequences
+        outputs.sequences = sequences
+        outputs["qtsplus"] = prefill.selection
+        return outputs
+
+    def _shift_length_limits(self, kwargs: dict, dropped: int) -> dict:
+        """`max_length` / `min_length` count the prompt: shorten them by the tokens the selector dropped."""
+        kwargs = dict(kwargs)
+        config = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("max_length") is None and kwargs.get("max_new_tokens") is None and config.max_new_tokens is None:
+            kwargs["max_length"] = config.max_length  # the config's limit also counts the caller's full prompt
+        for name in ("max_length", "min_length"):
+            if kwargs.get(name):
+                kwargs[name] = max(int(kwargs[name]) - dropped, 0)
+        return kwargs
+
+    # -- conversion and saving -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def initialize_selector_from_language_model(self) -> None:
+        """The paper's recipe: scoring and re-encode attention copied from LM decoder layers 0, 1, ...
+
+        q/k/v/o and the norms come from the decoder layer (q_norm and kv_norm from `input_layernorm`, ffn_norm from
+        `post_attention_layernorm`); the GELU feed-forward has no LM counterpart and keeps its initialisation.
+        The re-encoder's residual outputs are zeroed afterwards, so the model still equals the stock one.
+        """
+        decoder_layers = self.model.language_model.layers
+        pairs = [(layer, i) for i, layer in enumerate(self.qtsplus.scoring_layers)]
+        pairs += [(layer.core, i) for i, layer in enumerate(self.qtsplus.reencode_layers)]
+        for target, index in pairs:
+            source = decoder_layers[index % len(decoder_layers)]
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(target, name).load_state_dict(getattr(source.self_attn, name).state_dict())
+            target.q_norm.weight.copy_(source.input_layernorm.weight)
+            target.kv_norm.weight.copy_(source.input_layernorm.weight)
+            target.ffn_norm.weight.copy_(source.post_attention_layernorm.weight)
+        for layer in self.qtsplus.reencode_layers:
+            layer.core.o_proj.weight.zero_()
+            layer.core.ffn.net[2].weight.zero_()
+            layer.core.ffn.net[2].bias.zero_()
+
+    @classmethod
+    def from_qwen2_5_vl(
+        cls, model_or_path: "Qwen2_5_VLForConditionalGeneration | str", **config_overrides
+    ) -> "QTSplusQwen2_5_VLForConditionalGeneration":
+        """Wrap a stock Qwen2.5-VL (an in-memory model, a local directory or a Hub id) into a QTSplus model.
+
+        All stock weights are copied (an in-memory model is left untouched; one loaded here is handed over without a
+        copy); the selector is initialised from LM decoder layers with zero re-encoder residuals, so with
+        `qtsplus_keep_ratio=1.0` the logits equal the stock model's (position mode `"mrope"`; `"sequential"` changes
+        the positions the LM sees). `config_overrides` set `qtsplus_*` fields (for
+        example `qtsplus_max_tokens=1024`); `qtsplus_base_model` defaults to the stock model's Hub id, if it has one.
+        """
+        unknown = sorted(key for key in config_overrides if not key.startswith("qtsplus_"))
+        if unknown:
+            raise ValueError(f"from_qwen2_5_vl only takes qtsplus_* overrides, got {unknown}")
+        stock = model_or_path
+        if not isinstance(stock, Qwen2_5_VLForConditionalGeneration):
+            # The stock class knows the legacy key layouts of Hub checkpoints (`visual.*`, `model.layers.*`).
+            stock = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_or_path)
+            state_dict = stock.state_dict()
+            # A Hub id is the base model a model card can link to; a local folder is not.
+            config_overrides.setdefault("qtsplus_base_model", None if os.path.isdir(model_or_path) else model_or_path)
+        else:
+            state_dict = {name: tensor.clone() for name, tensor in stock.state_dict().items()}
+            name = stock.config.name_or_path
+            config_overrides.setdefault("qtsplus_base_model", None if not name or os.path.isdir(name) else name)
+        config_dict = stock.config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+            config_dict.pop(key, None)
+        config = QTSplusConfig(**config_dict, **config_overrides)
+        # from_pretrained builds on the meta device and initialises only what the state dict lacks (the selector):
+        # no second random initialisation of a multi-billion-parameter model.
+        # Quietly: its load report would call the selector keys, missing by design, a problem, and its progress bar
+        # would count tensors that are already in memory.
+        verbosity, progress_bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+        try:
+            model, loading = cls.from_pretrained(
+                None, config=config, state_dict=state_dict, dtype=stock.dtype,
+                attn_implementation=stock.config._attn_implementation, output_loading_info=True,
+            )
+        finally:
+            logging.set_verbosity(verbosity)
+            if progress_bar:
+                logging.enable_progress_bar()
+        missing, unexpected = loading["missing_keys"], loading["unexpected_keys"]
+        if unexpected or any(not key.startswith("qtsplus.") for key in missing) or loading["mismatched_keys"]:
+            raise ValueError(f"checkpoint does not fit Qwen2.5-VL: missing {sorted(missing)}, unexpected "
+                             f"{sorted(unexpected)}, mismatched {sorted(loading['mismatched_keys'])}")
+        model.to(stock.device)
+        model.initialize_selector_from_language_model()
+        model.generation_config = copy.deepcopy(stock.generation_config)
+        return model.train() if stock.training else model.eval()
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, with `auto_map` for every Auto class this model serves."""
+        if self._auto_class is not None:
+            reference = f"{self.__class__.__module__.split('.')[-1]}.{self.__class__.__name__}"
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}),
+                                    **{name: reference for name in self._auto_class_names}}
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+
+__all__ = [
+    "QTSplusCausalLMOutputWithPast",
+    "QTSplusInputs",
+    "QTSplusQwen2_5_VLForConditionalGeneration",
+    "QTSplusSelection",
+    "QTSplusSelector",
+]

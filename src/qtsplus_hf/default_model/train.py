@@ -1,0 +1,198 @@
+# Copyright 2026 The qtsplus-hf authors. Licensed under the Apache License, Version 2.0.
+"""Train the bundled default model from scratch: `python -m qtsplus_hf.default_model.train --output DIR`.
+
+A tiny Qwen2.5-VL-shaped QTSplus (vision encoder, 4-layer LM, selector and re-encoder) with an offline tokenizer for
+the synthetic tasks' words is built, saved, and trained through `qtsplus_hf.training.train` in stages, each starting
+from the previous stage's folder (a curriculum):
+
+1. all tokens (`keep_ratio=1.0`) on short videos: the vision encoder and the LM learn the four tasks;
+2. full-length videos at a fixed keep ratio of 0.25, then 0.1: the selector must now find the evidence, since the
+   LM only sees what it keeps;
+3. the predicted budget: the budget head learns ρ against the auxiliary FLOPs / KV losses.
+
+Training videos are `qtsplus_hf.synthetic` samples generated on the fly from seeds below `HELD_OUT_SEED_START`;
+after every stage the held-out accuracy per task is printed (measured, not inferred from the loss).
+Everything is seeded; results are repeatable on the same machine and library versions.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..data import normalize_row
+from ..evaluation import evaluate_multiple_choice
+from ..hub import save_checkpoint
+from ..modeling_qtsplus_qwen2_5_vl import QTSplusQwen2_5_VLForConditionalGeneration
+from ..synthetic import TASKS, generate_sample, synthetic_tokenizer
+from ..tiny import tiny_processor, tiny_qtsplus_config
+from ..training import TrainOptions, load_model_and_processor, train
+from . import FRAME_SIZE, HELD_OUT_SEED_START, VIDEO_SECONDS
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    seconds: int
+    keep_ratio: float | None  # None: the predicted budget
+    steps: int
+    learning_rate: float
+
+
+# Small batches: from scratch, more updates in the same CPU time learned faster than larger batches.
+BATCH_SIZE = 8
+STAGES = (
+    Stage("all-tokens-16s", 16, 1.0, 1000, 1e-3),
+    Stage("selection-0.25", VIDEO_SECONDS, 0.25, 150, 5e-4),
+    Stage("selection-0.1", VIDEO_SECONDS, 0.1, 200, 5e-4),
+    Stage("predicted-budget", VIDEO_SECONDS, None, 100, 2e-4),
+)
+# Tokens per video at 32 px and 2 fps: (32 / 8)^2 = 16 per second, 512 for 32 s.
+MODEL_SETTINGS = dict(
+    qtsplus_rho_min=0.05,
+    qtsplus_rho_max=0.15,
+    qtsplus_max_tokens=96,
+    qtsplus_budget_hidden_size=64,
+    qtsplus_time_embedding_dim=32,
+)
+
+
+def tiny_model_config(num_reencode_layers: int = 1):
+    """~1M parameters: vision depth 2 / width 64, LM 4 layers / width 128, vocabulary of the synthetic tokenizer."""
+    tokenizer = synthetic_tokenizer(max_seconds=VIDEO_SECONDS)
+    vocab_size = 64 * -(-len(tokenizer) // 64)
+    config = tiny_qtsplus_config(
+        vision_config=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128, patch_size=4,
+            temporal_patch_size=2, spatial_merge_size=2, window_size=32, fullatt_block_indexes=[1],
+            tokens_per_second=2,
+        ),
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+            bos_token_id=0, eos_token_id=2, pad_token_id=0,
+        ),
+        qtsplus_num_reencode_layers=num_reencode_layers,
+        **MODEL_SETTINGS,
+    )
+    return config, tokenizer
+
+
+def build_initial_checkpoint(directory: str, seed: int, num_reencode_layers: int = 1) -> None:
+    """Randomly initialised model + processor (pixels normalised like Qwen's, frames not resized) in `directory`."""
+    config, tokenizer = tiny_model_config(num_reencode_layers)
+    torch.manual_seed(seed)
+    model = QTSplusQwen2_5_VLForConditionalGeneration(config)
+    processor = tiny_processor(min_pixels=FRAME_SIZE * FRAME_SIZE, max_pixels=FRAME_SIZE * FRAME_SIZE,
+                               tokenizer=tokenizer)
+    save_checkpoint(model, processor, directory)
+
+
+def synthetic_row(seed: int, seconds: int = VIDEO_SECONDS, task: str | None = None) -> dict:
+    """A raw row with frames in memory for `seed` (task `TASKS[seed % 4]` unless given)."""
+    sample = generate_sample(seed, task, seconds=seconds, frame_size=FRAME_SIZE)
+    return {"video": sample.frames, "fps": sample.fps, "question": sample.question, "options": sample.options,
+            "answer": sample.answer, "type": sample.task, "seed": sample.seed}
+
+
+class SyntheticVideoQA(torch.utils.data.Dataset):
+    """Rows generated on demand from seeds `first_seed .. first_seed + length - 1` (balanced over tasks)."""
+
+    def __init__(self, first_seed: int, length: int, seconds: int) -> None:
+        if first_seed + length > HELD_OUT_SEED_START:
+            raise ValueError("training seeds would reach into the held-out range")
+        self.first_seed, self.length, self.seconds = first_seed, length, seconds
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        return synthetic_row(self.first_seed + index, self.seconds)
+
+
+def held_out_rows(count: int, seconds: int = VIDEO_SECONDS, start: int = HELD_OUT_SEED_START) -> list[dict]:
+    """`count` normalised held-out rows, balanced over tasks."""
+    return [normalize_row(synthetic_row(seed, seconds)) for seed in range(start, start + count)]
+
+
+def held_out_accuracy(directory: str, count: int, seconds: int, keep_ratio: float | None) -> dict:
+    model, processor = load_model_and_processor(directory)
+    metrics = evaluate_multiple_choice(model, processor, held_out_rows(count, seconds), keep_ratio=keep_ratio).metrics
+    shown = {"accuracy": metrics["accuracy"], "mean_kept_ratio": metrics["mean_kept_ratio"]}
+    shown.update({task: metrics.get(f"accuracy/{task}") for task in TASKS})
+    return {name: round(value, 3) for name, value in shown.items()}
+
+
+def train_default_model(
+    output: str, seed: int = 0, num_reencode_layers: int = 1, stages=STAGES, steps_scale: float = 1.0,
+    eval_count: int = 64, log=print,
+) -> list[dict]:
+    """Run the whole curriculum into `output` (a new or empty folder); returns one summary per stage."""
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise ValueError(f"output {output} exists and is not an empty folder")
+    work = tempfile.mkdtemp(prefix=".qtsplus-default-", dir=os.path.dirname(os.path.abspath(output)))
+    summaries = []
+    try:
+        previous = os.path.join(work, "initial")
+        build_initial_checkpoint(previous, seed, num_reencode_layers)
+        next_seed = 0
+        for index, stage in enumerate(stages):
+            steps = max(1, round(stage.steps * steps_scale))
+            folder = os.path.join(work, f"stage{index}")
+            rows = SyntheticVideoQA(next_seed, steps * BATCH_SIZE, stage.seconds)
+            next_seed += len(rows)  # every training video is new
+            options = TrainOptions(
+                model=previous, data="", output=folder, mode="full", max_steps=steps, batch_size=BATCH_SIZE,
+                learning_rate=stage.learning_rate, warmup_steps=0.05, keep_ratio=stage.keep_ratio,
+                logging_steps=max(1, steps // 5), seed=seed + index,
+            )
+            start = time.perf_counter()
+            result = train(options, rows=rows)
+            seconds = time.perf_counter() - start
+            losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
+            accuracy = held_out_accuracy(folder, eval_count, stage.seconds, stage.keep_ratio)
+            summary = {"stage": stage.name, "steps": steps, "train_seconds": round(seconds, 1),
+                       "last_logged_loss": losses[-1] if losses else None, "held_out": accuracy}
+            log(json.dumps(summary))
+            summaries.append(summary)
+            previous = folder
+        os.makedirs(output, exist_ok=True)
+        for name in os.listdir(previous):
+            shutil.move(os.path.join(previous, name), os.path.join(output, name))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return summaries
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Train the bundled default QTSplus model on synthetic videos.")
+    parser.add_argument("--output", required=True, help="new (or empty) folder for the checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-reencode-layers", type=int, default=1, help="0: the ablation without re-encoder")
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (pilots)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--eval-count", type=int, default=64, help="held-out videos evaluated after each stage")
+    args = parser.parse_args(argv)
+    # One thread: on a shared 2-core machine two intra-op threads spin against other processes and a step took
+    # 2-20x longer (measured); the tiny model gains little from a second thread anyway.
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    try:
+        train_default_model(args.output, args.seed, args.num_reencode_layers, STAGES, args.steps_scale,
+                            args.eval_count)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"written: {args.output} in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
