@@ -199,6 +199,8 @@ def training_arguments(
         # accepts bf16 (CPU autocast); otherwise every process would train alone.
         use_cpu=not torch.accelerator.is_available(),
         logging_steps=options.logging_steps,
+        # A NaN or infinite loss must show in the logs; the Trainer's default filter would log it as a smaller number.
+        logging_nan_inf_filter=False,
         save_strategy="no",
         report_to="none",
         seed=options.seed,
