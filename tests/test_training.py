@@ -35,3 +35,21 @@ def test_eval_and_train_keep_the_same_tokens(converted_model, two_sample_batch):
         trained = model.train()(**two_sample_batch).qtsplus
     for a, b in zip(evaluated.kept_indices, trained.kept_indices):
         assert torch.equal(a, b)
+
+
+def test_loaded_model_starts_the_smoothness_reference_from_zero(tmp_path):
+    """rho_sum / rho_count are non-persistent: from_pretrained must initialise them, not leave raw memory."""
+    from qtsplus_hf import QTSplusQwen2_5_VLForConditionalGeneration
+    from qtsplus_hf.tiny import tiny_qtsplus_config
+
+    model = QTSplusQwen2_5_VLForConditionalGeneration(tiny_qtsplus_config())
+    model.qtsplus.rho_sum.fill_(5.0)
+    model.qtsplus.rho_count.fill_(7.0)
+    model.save_pretrained(tmp_path)
+    # Leave freed scalar-sized blocks holding 5.0 for the allocator to hand out again, so raw memory shows.
+    litter = [torch.full((), 5.0, dtype=torch.float64) for _ in range(1000)]
+    del litter
+    loaded = QTSplusQwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path).train()
+    assert float(loaded.qtsplus.rho_sum) == 0.0 and float(loaded.qtsplus.rho_count) == 0.0
+    rho = torch.tensor([0.2, 0.4])
+    torch.testing.assert_close(loaded.qtsplus.smoothness_loss(rho), torch.tensor(0.01))  # around their own mean 0.3

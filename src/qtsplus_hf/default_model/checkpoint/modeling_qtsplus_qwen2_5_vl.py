@@ -532,6 +532,11 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             initialization.zeros_(module.weight)
             if module.bias is not None:
                 initialization.zeros_(module.bias)
+        if isinstance(module, QTSplusSelector):
+            # Non-persistent buffers come from no checkpoint: without this, from_pretrained leaves them as
+            # uninitialised memory, and the smoothness loss starts from garbage (even NaN).
+            initialization.zeros_(module.rho_sum)
+            initialization.zeros_(module.rho_count)
 
     # -- inputs ----------------------------------------------------------------------------------------------------
 
