@@ -152,8 +152,8 @@ def test_answer_uses_the_bundled_model_without_model(tmp_path):
 
 
 def test_bundled_remote_code_is_the_package_code():
-    """The checkpoint carries copies of the remote-code files (it must load without the package); they must not
-    drift from the package. After a change to one of them, refresh the copies with `save_checkpoint`."""
+    """The checkpoint's remote-code files (it must load without the package) are the package's own: symbolic links
+    in the repository, copies in a built wheel. Either way they must read the same."""
     import qtsplus_hf
 
     package = os.path.dirname(qtsplus_hf.__file__)
