@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from qtsplus_hf.default_model import HELD_OUT_SEED_START, synthetic_options
-from qtsplus_hf.synthetic import LETTERS, TASKS, generate_sample
+from qtsplus_hf.synthetic import TASKS, generate_sample
 
 
 def run_cli(*args, **env):
@@ -19,11 +19,13 @@ def run_cli(*args, **env):
 def test_demo_answers_one_video_per_task_offline_and_writes_pictures(tmp_path):
     result = run_cli("demo", "--output-dir", str(tmp_path), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     assert result.returncode == 0, result.stderr
-    answers = re.findall(r"answer: ([A-D]) \((.+?)\)   truth: ([A-D]) \((.+?)\)", result.stdout)
+    answers = re.findall(r"answer: (.+?)   truth: (\S+)   (correct|wrong)", result.stdout)
     truths = [generate_sample(HELD_OUT_SEED_START + i, task, **synthetic_options()) for i, task in enumerate(TASKS)]
-    assert [(letter, text) for _, _, letter, text in answers] == [(s.answer, s.answer_text) for s in truths]
-    for (letter, text, _, _), sample in zip(answers, truths):
-        assert sample.options[LETTERS.index(letter)] == text  # the printed answer is the option it names
+    assert [truth for _, truth, _ in answers] == [sample.answer for sample in truths]
+    assert [verdict for _, _, verdict in answers] == ["correct" if reply.lower() == truth else "wrong"
+                                                      for reply, truth, _ in answers]
+    correct = re.search(r"(\d) of 4 correct", result.stdout)
+    assert correct and int(correct.group(1)) == sum(verdict == "correct" for _, _, verdict in answers)
     for kept, total in re.findall(r"vision tokens kept: (\d+) of (\d+)", result.stdout):
         assert 0 < int(kept) < int(total) == 512
     for task in TASKS:

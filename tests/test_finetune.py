@@ -14,7 +14,7 @@ from qtsplus_hf.cli import main
 from qtsplus_hf.data import (
     MULTIPLE_CHOICE_INSTRUCTION, VideoQACollator, load_video_qa, normalize_row, question_text,
 )
-from qtsplus_hf.evaluation import evaluate_multiple_choice, option_letter_token_ids
+from qtsplus_hf.evaluation import evaluate_video_qa, option_letter_token_ids
 from qtsplus_hf.tiny import VIDEO_ID
 from qtsplus_hf.training import (
     TrainOptions, build_trainer, load_model_and_processor, parameters_without_gradient, prepare_model_for_mode, train,
@@ -215,7 +215,7 @@ def test_a_bf16_checkpoint_trains_its_selector_in_float32(qa_folder, tiny_checkp
 def test_eval_accuracy_matches_a_hand_count(qa_folder, tiny_checkpoint, tmp_path):
     model, processor = load_model_and_processor(tiny_checkpoint)
     rows = load_video_qa(str(qa_folder / "train.jsonl"), str(qa_folder)).rows
-    result = evaluate_multiple_choice(model, processor, rows, keep_ratio=0.5)
+    result = evaluate_video_qa(model, processor, rows, keep_ratio=0.5)
 
     letter_ids = option_letter_token_ids(processor.tokenizer, len(OPTIONS))
     collator = VideoQACollator(processor, with_answers=False)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from qtsplus_hf.synthetic import (
+    CELL,
     COLOURS,
-    LETTERS,
     SHAPES,
     TASKS,
+    answer_token_ids,
     generate_sample,
     iter_samples,
-    letter_token_ids,
     nearest_colour,
     shape_mask,
     synthetic_tokenizer,
@@ -67,8 +67,8 @@ def test_same_seed_same_sample_other_seed_other_sample():
     for seed in range(4):
         first, again = generate_sample(seed), generate_sample(seed)
         assert np.array_equal(first.frames, again.frames)
-        assert (first.task, first.question, first.options, first.answer, first.evidence_frames, first.objects) == (
-            again.task, again.question, again.options, again.answer, again.evidence_frames, again.objects
+        assert (first.task, first.question, first.answer, first.evidence_frames, first.objects) == (
+            again.task, again.question, again.answer, again.evidence_frames, again.objects
         )
         other = generate_sample(seed + len(TASKS))  # same task, next seed
         assert other.task == first.task
@@ -86,8 +86,11 @@ def test_sample_layout(samples):
     for sample in samples:
         assert sample.frames.shape == (64, 64, 64, 3) and sample.frames.dtype == np.uint8
         assert sample.fps == 2.0
-        assert len(sample.options) == len(set(sample.options)) == 4
-        assert sample.answer in LETTERS and sample.answer_text == sample.options[LETTERS.index(sample.answer)]
+        allowed = {"needle": set(COLOURS), "order": set(SHAPES), "localisation": {str(s) for s in range(32)},
+                   "counting": {"1", "2", "3", "4", "5"}}[sample.task]
+        assert sample.answer in allowed
+        # every object fills one cell of the 8-pixel grid (one vision token of the tiny models)
+        assert all(item.size == CELL and item.top % CELL == item.left % CELL == 0 for item in sample.objects)
         # Evidence fills whole temporal patches (frames 2s and 2s + 1), so 2-frame patching keeps it.
         pairs = np.array(sample.evidence_frames).reshape(-1, 2)
         assert (pairs[:, 0] % 2 == 0).all() and (pairs[:, 1] == pairs[:, 0] + 1).all()
@@ -122,6 +125,8 @@ def test_shapes_are_distinct_masks():
         for b in SHAPES:
             if a != b:
                 assert (masks[a] ^ masks[b]).sum() >= 20, (a, b)
+    small = {shape: shape_mask(shape, CELL) for shape in SHAPES}  # the size that is drawn
+    assert min((small[a] ^ small[b]).sum() for a in SHAPES for b in SHAPES if a != b) >= 8
     with pytest.raises(ValueError, match="unknown shape"):
         shape_mask("hexagon", 16)
 
@@ -133,39 +138,38 @@ def test_evidence_frames_hold_the_answer(samples, task):
         evidence_seconds = sorted({second for shape in shapes for second in seconds_showing(sample, shape)})
         assert sample.evidence_frames == frames_of(sample, evidence_seconds)
         assert all(item.evidence == (item.shape in shapes) for item in sample.objects)
-        answer = sample.answer_text
+        answer = sample.answer
         if task == "needle":
             (shape,) = shapes
             (needle,) = [item for item in sample.objects if item.shape == shape]  # one object, one second
             assert needle.colour == answer
             for index in sample.evidence_frames:
                 assert {nearest_colour(pixel) for pixel in object_pixels(sample.frames[index], needle)} == {answer}
-            assert sorted(sample.options) == sorted(set(sample.options) & set(COLOURS))
         elif task == "order":
             (first,), (second,) = (seconds_showing(sample, shape) for shape in shapes)
             assert first != second
             assert answer == shapes[0 if first < second else 1]
-            assert set(shapes) <= set(sample.options)
         elif task == "localisation":
             (shape,) = shapes
             assert seconds_showing(sample, shape) == [int(answer)]
             # frame i is shown at i / fps seconds: the answer is the whole second the object comes in
             assert int(sample.evidence_frames[0] / sample.fps) == int(answer)
-            values = sorted(int(option) for option in sample.options)
-            assert min(np.diff(values)) >= 3
         else:
             (shape,) = shapes
             seconds = seconds_showing(sample, shape)
             assert len(seconds) == int(answer)
             assert len(seconds) == 1 or min(np.diff(seconds)) >= 2  # separate appearances, never adjacent
-            assert all(option in {"1", "2", "3", "4", "5"} for option in sample.options)
 
 
 def test_answers_are_balanced():
     samples = list(iter_samples(range(200), noise=0))
-    letters = np.bincount([LETTERS.index(sample.answer) for sample in samples], minlength=4)
-    assert letters.min() >= 30, letters  # ~50 each: the letter carries no information
-    first_named = [asked_shapes(s)[0] == s.answer_text for s in samples if s.task == "order"]
+    colours = np.bincount([list(COLOURS).index(s.answer) for s in samples if s.task == "needle"], minlength=6)
+    assert colours.min() >= 2, colours  # ~8 each of 50 needles
+    seconds = [int(s.answer) for s in samples if s.task == "localisation"]
+    assert min(seconds) <= 4 and max(seconds) >= 27  # spread over the whole video
+    counts = np.bincount([int(s.answer) for s in samples if s.task == "counting"], minlength=6)[1:]
+    assert counts.min() >= 3, counts  # ~10 of each count
+    first_named = [asked_shapes(s)[0] == s.answer for s in samples if s.task == "order"]
     assert 10 <= sum(first_named) <= 40  # the first-named shape is the answer about half the time
 
 
@@ -186,19 +190,18 @@ def test_timestamps_reach_the_model_inputs():
     """Through the project's processor path: one temporal patch per second, second_per_grid_ts = 1, and the
     localisation answer is the temporal index of the evidence patch."""
     from qtsplus_hf.pipeline_video_text_to_text import video_question_inputs
-    from qtsplus_hf.processing_qtsplus import MULTIPLE_CHOICE_INSTRUCTION
     from qtsplus_hf.tiny import tiny_processor
 
     processor = tiny_processor(max_pixels=64 * 64, tokenizer=synthetic_tokenizer())
     sample = generate_sample(2)
     assert sample.task == "localisation"
-    inputs, frames, metadata = video_question_inputs(processor, sample.frames, sample.prompt)
+    inputs, frames, metadata = video_question_inputs(processor, sample.frames, sample.question)
     assert inputs["video_grid_thw"].tolist() == [[32, 16, 16]]
     assert [float(s) for s in inputs["second_per_grid_ts"]] == [1.0]
     assert np.array_equal(frames, sample.frames)  # 64x64 is a multiple of the pixel factor 8: no resize
-    assert metadata.timestamps[sample.evidence_frames[0]] == int(sample.answer_text)
+    assert metadata.timestamps[sample.evidence_frames[0]] == int(sample.answer)
     question = processor.tokenizer.decode(inputs["input_ids"][0][inputs["qtsplus_query_mask"][0]])
-    assert question == sample.prompt.removesuffix(MULTIPLE_CHOICE_INSTRUCTION)  # the format line is not scored
+    assert question == sample.question
 
 
 @pytest.mark.parametrize("lossless", [True, False])
@@ -224,8 +227,7 @@ def test_manifest_loads_with_datasets(tmp_path):
     manifest = write_synthetic_dataset(tmp_path / "data", range(100, 106))
     rows = datasets.load_dataset("json", data_files=manifest, split="train", cache_dir=str(tmp_path / "cache"))
     assert len(rows) == 6
-    assert set(rows.column_names) == {"video", "question", "options", "answer", "type", "evidence_frames", "fps",
-                                      "seed"}
+    assert set(rows.column_names) == {"video", "question", "answer", "type", "evidence_frames", "fps", "seed"}
     for row in rows:
         sample = generate_sample(row["seed"])
         assert row == sample.manifest_row(row["video"])
@@ -240,23 +242,22 @@ def test_manifest_loads_with_datasets(tmp_path):
 
 def test_tokenizer_covers_the_task_vocabulary(samples):
     tokenizer = synthetic_tokenizer()
-    ids = letter_token_ids(tokenizer)
-    assert len(set(ids)) == 4
+    ids = answer_token_ids(tokenizer)
+    assert len(set(ids.values())) == len(ids) == len(COLOURS) + len(SHAPES) + 64
     vocabulary = set(task_vocabulary())
     for sample in samples:
-        for text in [sample.question, *sample.options]:
-            assert set(re.findall(r"[A-Za-z]+|\d+|[^\sA-Za-z\d]", text)) <= vocabulary
+        assert set(re.findall(r"[A-Za-z]+|\d+|[^\sA-Za-z\d]", sample.question)) <= vocabulary
         messages = [
-            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": sample.prompt}]},
+            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": sample.question}]},
             {"role": "assistant", "content": sample.answer},
         ]
         encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-        # the reply is one letter token, then <|im_end|>
-        assert encoded[-3:-1] == [ids[LETTERS.index(sample.answer)], tokenizer.convert_tokens_to_ids("<|im_end|>")]
-        # task words are whole tokens: about one token per word, number or punctuation mark
-        words = re.findall(r"'s|[A-Za-z]+|\d+|[^\sA-Za-z\d]", sample.prompt)  # byte-level BPE keeps "'s" whole
-        assert len(tokenizer.encode(sample.prompt)) == len(words) + sample.prompt.count("\n")
-        assert tokenizer.decode(tokenizer.encode(sample.prompt)) == sample.prompt
+        # the reply is one answer token, then <|im_end|>
+        assert encoded[-3:-1] == [ids[sample.answer], tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        # task words are whole tokens: one token per word, number or punctuation mark
+        words = re.findall(r"[A-Za-z]+|\d+|[^\sA-Za-z\d]", sample.question)
+        assert len(tokenizer.encode(sample.question)) == len(words)
+        assert tokenizer.decode(tokenizer.encode(sample.question)) == sample.question
     assert len(tokenizer) <= 512
     assert synthetic_tokenizer().get_vocab() == tokenizer.get_vocab()  # deterministic
     assert set(task_vocabulary(max_seconds=40)) < vocabulary and "39" in task_vocabulary(max_seconds=40)
@@ -268,8 +269,9 @@ def test_tokenizer_covers_the_task_vocabulary(samples):
         (dict(seed=-1), "seed must be a non-negative integer"),
         (dict(seed=1.5), "seed must be a non-negative integer"),
         (dict(seed=0, task="colour"), "unknown task 'colour'"),
-        (dict(seed=0, seconds=8), "seconds must be an integer >= 16"),
-        (dict(seed=0, frame_size=16), "frame_size must be an integer >= 32"),
+        (dict(seed=0, seconds=1), "seconds must be an integer >= 2"),
+        (dict(seed=0, frame_size=16), "frame_size must be a multiple of 8 and >= 32"),
+        (dict(seed=0, frame_size=36), "frame_size must be a multiple of 8 and >= 32"),
         (dict(seed=0, fps=3), "fps must be a positive even integer"),
         (dict(seed=0, noise=-1.0), "noise must be a standard deviation"),
         (dict(seed=0, max_objects=4), "max_objects must be 1, 2 or 3"),

@@ -116,14 +116,14 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    """Multiple-choice accuracy (overall, per question type), mean kept ratio and latency of a checkpoint."""
+    """Accuracy (overall, per question type), mean kept ratio and latency of a checkpoint on video QA rows."""
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise ValueError(f"--json: the folder of {args.json} does not exist")
     if (args.data is None) == (args.synthetic is None):
         raise ValueError("give exactly one of --data and --synthetic")
     from .data import load_video_qa
     from .default_model import default_model_path
-    from .evaluation import evaluate_multiple_choice
+    from .evaluation import evaluate_video_qa
     from .training import load_model_and_processor
 
     import torch
@@ -145,8 +145,8 @@ def run_eval(args: argparse.Namespace) -> None:
     else:
         data = load_video_qa(args.data, args.video_root)
         rows, skipped = (data.rows[: args.limit] if args.limit else data.rows), len(data.skipped)
-    result = evaluate_multiple_choice(model, processor, rows, args.keep_ratio, args.fps, args.max_frames)
-    result.metrics["skipped"] += skipped
+    result = evaluate_video_qa(model, processor, rows, args.keep_ratio, args.fps, args.max_frames)
+    result.metrics["skipped"] = skipped
     print(result.table())
     if args.json:
         write_json_atomically(args.json, {"metrics": result.metrics, "predictions": result.predictions})

@@ -11,7 +11,8 @@ import time
 
 from .answering import answer_video, format_seconds, save_answer_picture
 from .default_model import HELD_OUT_SEED_START, default_model_path, synthetic_options
-from .synthetic import LETTERS, TASKS, generate_sample, write_mp4
+from .evaluation import normalize_answer
+from .synthetic import TASKS, generate_sample, write_mp4
 
 
 def demo_output_folder(path: str | None) -> str:
@@ -24,14 +25,6 @@ def demo_output_folder(path: str | None) -> str:
         raise ValueError(f"--output-dir: the folder that would hold {path} does not exist")
     os.makedirs(path, exist_ok=True)
     return path
-
-
-def option_of(reply: str, options: list[str]) -> str:
-    """`"B"` -> `"B (blue)"`: the reply with the option it names, when it is an option letter."""
-    letter = reply.strip().rstrip(".")
-    if letter in LETTERS[: len(options)]:
-        return f"{letter} ({options[LETTERS.index(letter)]})"
-    return reply.strip() or "(empty)"
 
 
 def run_demo(output_dir: str | None = None, seed: int | None = None, model_path: str | None = None,
@@ -52,17 +45,15 @@ def run_demo(output_dir: str | None = None, seed: int | None = None, model_path:
     for offset, task in enumerate(TASKS):
         sample = generate_sample(seed + offset, task, **synthetic_options())
         video = write_mp4(os.path.join(folder, f"{task}.mp4"), sample.frames, sample.fps)
-        answered = answer_video(model, processor, video, sample.prompt, keep_ratio=keep_ratio, max_new_tokens=4)
+        answered = answer_video(model, processor, video, sample.question, keep_ratio=keep_ratio, max_new_tokens=4)
         result = answered.result
         picture = os.path.join(folder, f"{task}.png")
         title = f"{sample.question}  ->  {answered.answer.strip()}   (kept {result['kept_tokens']}/{result['total_tokens']})"
         save_answer_picture(picture, processor, answered, title)
-        correct = answered.answer.strip().rstrip(".") == sample.answer
+        correct = normalize_answer(answered.answer) == sample.answer
         log(f"\n[{task}] {video} ({len(sample.frames)} frames, {len(sample.frames) / sample.fps:.0f} s)")
-        log(f"question: {sample.question}  options: " + ", ".join(
-            f"{letter}. {option}" for letter, option in zip(LETTERS, sample.options)))
-        log(f"answer: {option_of(answered.answer, sample.options)}   truth: {sample.answer} ({sample.answer_text})"
-            f"   {'correct' if correct else 'wrong'}")
+        log(f"question: {sample.question}")
+        log(f"answer: {answered.answer.strip() or '(empty)'}   truth: {sample.answer}   {'correct' if correct else 'wrong'}")
         log(f"vision tokens kept: {result['kept_tokens']} of {result['total_tokens']} (rho = {result['rho']:.3f}), "
             f"from seconds {', '.join(f'{s:g}' for s in result['kept_seconds'][:12])}"
             f"{' ...' if len(result['kept_seconds']) > 12 else ''}; evidence at seconds "

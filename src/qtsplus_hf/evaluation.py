@@ -1,9 +1,10 @@
 # Copyright 2026 The qtsplus-hf authors. Licensed under the Apache License, Version 2.0.
-"""Multiple-choice evaluation: the model's option letter per question, accuracy (overall and per question type),
-the share of vision tokens kept, and latency.
+"""Video QA evaluation: the model's answer per question, accuracy (overall and per question type), the share of
+vision tokens kept, and latency.
 
-The choice is the option letter with the highest logit at the first generated position (`generate` with one new
-token), so a model that would go on to write "B. blue" or "B" counts the same; the paper scores VSCQ this way.
+Multiple-choice rows: the choice is the option letter with the highest logit at the first generated position
+(`generate` with one new token), so a model that would go on to write "B. blue" or "B" counts the same; the paper
+scores VSCQ this way. Free-form rows: the greedy reply, compared with the answer after `normalize_answer`.
 """
 
 import os
@@ -33,7 +34,7 @@ def option_letter_token_ids(tokenizer, num_options: int) -> list[int]:
 @dataclass
 class EvalResult:
     """`metrics`: accuracy, count, accuracy/<type>, count/<type>, mean_kept_ratio, mean_latency_s,
-    mean_load_s, skipped. `predictions`: one dict per question."""
+    mean_load_s. `predictions`: one dict per question."""
 
     metrics: dict
     predictions: list[dict] = field(default_factory=list)
@@ -55,6 +56,22 @@ def _synchronized_clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def normalize_answer(text: str) -> str:
+    """Case, surrounding white space and a final full stop do not count: `" Red."` -> `"red"`."""
+    return text.strip().rstrip(".").strip().lower()
+
+
+@torch.no_grad()
+def predict_text(model, batch: dict, processor, keep_ratio: float | None, max_new_tokens: int) -> tuple[str, object]:
+    """The greedy reply to one question, and the selection QTSplus made (None when it is disabled)."""
+    outputs = model.generate(
+        **batch, qtsplus_keep_ratio=keep_ratio, max_new_tokens=max_new_tokens, do_sample=False,
+        return_dict_in_generate=True,
+    )
+    reply = outputs.sequences[0, batch["input_ids"].shape[1]:]
+    return processor.tokenizer.decode(reply, skip_special_tokens=True), outputs.get("qtsplus")
+
+
 @torch.no_grad()
 def predict_option(model, batch: dict, letter_ids: Sequence[int], keep_ratio: float | None) -> tuple[int, object]:
     """Index of the chosen option for one question, and the selection QTSplus made (None when it is disabled)."""
@@ -67,41 +84,50 @@ def predict_option(model, batch: dict, letter_ids: Sequence[int], keep_ratio: fl
     return choice, outputs.get("qtsplus")
 
 
-def evaluate_multiple_choice(
-    model, processor, rows: Sequence[dict], keep_ratio: float | None = None, fps: float | None = None,
-    max_frames: int | None = None,
-) -> EvalResult:
-    """Accuracy of `model` on normalised multiple-choice rows (`qtsplus_hf.data.normalize_row`), one at a time, on
-    the device the model is on.
+def predict_row(model, processor, batch: dict, row: dict, keep_ratio: float | None,
+                max_new_tokens: int) -> tuple[str, str, object]:
+    """(prediction, reference, selection) for one row: option letters for multiple choice, normalised text
+    otherwise."""
+    if row.get("options"):
+        letter_ids = option_letter_token_ids(processor.tokenizer, len(row["options"]))
+        choice, selection = predict_option(model, batch, letter_ids, keep_ratio)
+        return LETTERS[choice], row["answer_letter"], selection
+    reply, selection = predict_text(model, batch, processor, keep_ratio, max_new_tokens)
+    return normalize_answer(reply), normalize_answer(row["answer"]), selection
 
-    Rows without options are not multiple choice and are counted in `skipped`. `latency_s` is the model's time to
-    the first answer token (vision encoder, selector and prefill), after one untimed warm-up question; `load_s` is
-    decoding and preprocessing the video.
+
+def evaluate_video_qa(
+    model, processor, rows: Sequence[dict], keep_ratio: float | None = None, fps: float | None = None,
+    max_frames: int | None = None, max_new_tokens: int = 16,
+) -> EvalResult:
+    """Accuracy of `model` on normalised rows (`qtsplus_hf.data.normalize_row`), multiple-choice and free-form,
+    one at a time, on the device the model is on.
+
+    `latency_s` is the model's time to the answer (vision encoder, selector, prefill and, for free-form rows, the
+    generated tokens), after one untimed warm-up question; `load_s` is decoding and preprocessing the video.
     """
     import evaluate
 
+    if not rows:
+        raise ValueError("no rows to evaluate")
     collator = VideoQACollator(processor, fps=fps, max_frames=max_frames, with_answers=False)
     model.eval()
     device = next(model.parameters()).device
-    multiple_choice = [row for row in rows if row.get("options")]
-    if not multiple_choice:
-        raise ValueError("no multiple-choice rows to evaluate (rows need options and an answer)")
-    warm_up = {name: value.to(device) for name, value in collator(multiple_choice[:1]).items()}
-    predict_option(model, warm_up, option_letter_token_ids(processor.tokenizer, 1), keep_ratio)
+    warm_up = {name: value.to(device) for name, value in collator(rows[:1]).items()}
+    predict_row(model, processor, warm_up, rows[0], keep_ratio, max_new_tokens)
     predictions = []
-    for row in multiple_choice:
-        letter_ids = option_letter_token_ids(processor.tokenizer, len(row["options"]))
+    for row in rows:
         start = time.perf_counter()
         batch = {name: value.to(device) for name, value in collator([row]).items()}
         loaded = _synchronized_clock(device)
-        choice, selection = predict_option(model, batch, letter_ids, keep_ratio)
+        prediction, reference, selection = predict_row(model, processor, batch, row, keep_ratio, max_new_tokens)
         done = _synchronized_clock(device)
         total = int((batch["input_ids"] == model.config.video_token_id).sum())
         kept = sum(selection.num_kept) if selection is not None else total
         predictions.append({
-            "question": row["question"], "type": row.get("type"), "prediction": LETTERS[choice],
-            "answer": row["answer_letter"], "kept_tokens": kept, "total_tokens": total,
-            "kept_ratio": kept / max(total, 1), "latency_s": done - loaded, "load_s": loaded - start,
+            "question": row["question"], "type": row.get("type"), "prediction": prediction, "answer": reference,
+            "kept_tokens": kept, "total_tokens": total, "kept_ratio": kept / max(total, 1),
+            "latency_s": done - loaded, "load_s": loaded - start,
         })
     types = [p["type"] if p["type"] is not None else "untyped" for p in predictions]
     metric = evaluate.load(METRIC_PATH)
@@ -112,8 +138,10 @@ def evaluate_multiple_choice(
     )
     metrics["mean_latency_s"] = sum(p["latency_s"] for p in predictions) / len(predictions)
     metrics["mean_load_s"] = sum(p["load_s"] for p in predictions) / len(predictions)
-    metrics["skipped"] = len(rows) - len(multiple_choice)
     return EvalResult(metrics=metrics, predictions=predictions)
 
 
-__all__ = ["EvalResult", "evaluate_multiple_choice", "option_letter_token_ids", "predict_option"]
+__all__ = [
+    "EvalResult", "evaluate_video_qa", "normalize_answer", "option_letter_token_ids", "predict_option", "predict_row",
+    "predict_text",
+]

@@ -3,16 +3,19 @@
 
 Each video shows one scene per second (`fps` identical frames apart from light noise, so a scene fills whole
 temporal patches of the Qwen2.5-VL vision encoder: at the default 2 fps one temporal patch is one second). Every
-scene holds a few coloured shapes on a plain dark background. The question names shapes that only the evidence
-scenes contain; distractor shapes fill every other second, so sampling a few seconds uniformly usually misses the
-evidence. Four multiple-choice tasks (options A-D, so accuracy is classification):
+scene holds a few coloured shapes on a plain dark background, each filling one cell of an 8-pixel grid. The
+question names shapes that only the evidence scenes contain; distractor shapes fill every other second, so
+sampling a few seconds uniformly usually misses the evidence. Four tasks, each answered with one word or number:
 
-- `needle`: one shape appears in one second; "What colour is the circle?"
-- `order`: two shapes appear once each; "Which appears first, the cross or the square?"
-- `localisation`: one shape appears in one second; "At which second does the diamond appear?" (options >= 3 s
-  apart, so a model within +-1 s still picks the right one)
+- `needle`: one shape appears in one second; "What colour is the circle?" -> "red"
+- `order`: two shapes appear once each; "Which appears first, the cross or the square?" -> "square"
+- `localisation`: one shape appears in one second; "At which second does the diamond appear?" -> "12"
 - `counting`: one shape appears in 1-5 separate seconds (never two in a row); "How many times does the triangle
-  appear?"
+  appear?" -> "3"
+
+Why one grid cell per object: it is one vision token of the tiny default model (patch 4, merge 2), so a shape is a
+pattern inside one token. Shapes of 7-16 pixels placed anywhere, spread over several tokens, were not told apart by
+that model after 1,200 training steps (it learnt to answer with some colour in the video, not the asked shape's).
 
 Everything is drawn with numpy and is a function of the seed. `generate_sample` / `iter_samples` return frames in
 memory for training; `write_synthetic_dataset` writes mp4 files (PyAV) and a JSONL manifest that
@@ -29,7 +32,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .data import MULTIPLE_CHOICE_INSTRUCTION, question_text
 from .tiny import byte_level_tokenizer
 
 
@@ -44,12 +46,11 @@ COLOURS = {
     "purple": (170, 60, 210),
     "cyan": (40, 205, 215),
 }
-LETTERS = ("A", "B", "C", "D")
 DEFAULT_FPS = 2
-MIN_SECONDS = 16  # room for 5 separated counting occurrences and 4 localisation options 3 s apart
+MIN_SECONDS = 2  # the order task needs two seconds
 MIN_FRAME_SIZE = 32
-MAX_COUNT = 5
-LOCALISATION_OPTION_GAP = 3
+MAX_COUNT = 5  # at most (seconds + 1) // 2 in shorter videos: occurrences are never in adjacent seconds
+CELL = 8  # objects fill one cell of an 8-pixel grid: one vision token of the tiny models (patch 4, merge 2)
 COLOUR_JITTER = 10  # per-channel variation of an object's colour around its palette entry
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -70,7 +71,7 @@ class SceneObject:
 
 @dataclass
 class SyntheticSample:
-    """A video with one multiple-choice question and its ground truth.
+    """A video with one question and its ground truth `answer` (a colour, shape or number, as text).
 
     `frames` is uint8 `[T, H, W, 3]` at `fps` frames per second; frame i shows second `i // fps`. `objects` lists
     every shape drawn (evidence and distractors); every pixel outside them is `background` plus noise.
@@ -79,7 +80,6 @@ class SyntheticSample:
     frames: np.ndarray
     task: str
     question: str
-    options: list[str]
     answer: str
     evidence_frames: list[int]
     fps: float
@@ -87,18 +87,10 @@ class SyntheticSample:
     objects: list[SceneObject]
     background: tuple[int, int, int]
 
-    @property
-    def answer_text(self) -> str:
-        return self.options[LETTERS.index(self.answer)]
-
-    @property
-    def prompt(self) -> str:
-        return question_text({"question": self.question, "options": self.options})
-
     def manifest_row(self, video: str) -> dict:
         """The manifest row for this sample stored at `video` (a path relative to the manifest)."""
         return {
-            "video": video, "question": self.question, "options": list(self.options), "answer": self.answer,
+            "video": video, "question": self.question, "answer": self.answer,
             "type": self.task, "evidence_frames": list(self.evidence_frames), "fps": float(self.fps),
             "seed": self.seed,
         }
@@ -138,17 +130,6 @@ def _choice(rng: np.random.Generator, items: Sequence, count: int | None = None)
     return [items[i] for i in rng.choice(len(items), size=count, replace=False)]
 
 
-def _options(
-    rng: np.random.Generator, correct: str, wrong: Sequence[str], required: Sequence[str] = ()
-) -> tuple[list[str], str]:
-    """The correct option, the `required` wrong ones and more from `wrong` up to four, shuffled; returns the
-    options and the correct letter."""
-    options = [correct, *required] + _choice(rng, list(wrong), len(LETTERS) - 1 - len(required))
-    order = rng.permutation(len(options))
-    options = [options[i] for i in order]
-    return options, LETTERS[options.index(correct)]
-
-
 def _separated_seconds(rng: np.random.Generator, count: int, seconds: int) -> list[int]:
     """`count` sorted seconds, no two adjacent, uniform over all such sets (pick from a shorter range, then
     spread: the i-th pick moves right by i)."""
@@ -156,22 +137,11 @@ def _separated_seconds(rng: np.random.Generator, count: int, seconds: int) -> li
     return [int(pick) + index for index, pick in enumerate(picks)]
 
 
-def _localisation_options(rng: np.random.Generator, answer: int, seconds: int) -> list[int]:
-    """Three wrong seconds, each at least `LOCALISATION_OPTION_GAP` from the answer and from each other."""
-    chosen = [answer]
-    for _ in range(len(LETTERS) - 1):
-        allowed = [s for s in range(seconds) if all(abs(s - c) >= LOCALISATION_OPTION_GAP for c in chosen)]
-        chosen.append(_choice(rng, allowed))
-    return chosen[1:]
-
-
 class _Plan(NamedTuple):
     evidence: dict[int, list[tuple[str, str]]]  # second -> the (shape, colour) the question is about
     avoid: set[str]  # shapes the distractors must not use
     question: str
-    correct: str
-    required: list[str]  # wrong options that must be offered
-    wrong: list[str]  # wrong options to pick the rest from
+    answer: str
 
 
 def _plan(task: str, rng: np.random.Generator, seconds: int) -> _Plan:
@@ -179,51 +149,34 @@ def _plan(task: str, rng: np.random.Generator, seconds: int) -> _Plan:
     colours = list(COLOURS)
     if task == "needle":
         shape, colour, second = _choice(rng, SHAPES), _choice(rng, colours), int(rng.integers(seconds))
-        wrong = [c for c in colours if c != colour]
-        return _Plan({second: [(shape, colour)]}, {shape}, f"What colour is the {shape}?", colour, [], wrong)
+        return _Plan({second: [(shape, colour)]}, {shape}, f"What colour is the {shape}?", colour)
     if task == "order":
         first, later = _choice(rng, SHAPES, 2)
         times = sorted(int(s) for s in rng.choice(seconds, size=2, replace=False))
         named = _choice(rng, [(first, later), (later, first)])  # the question's naming order
         evidence = {times[0]: [(first, _choice(rng, colours))], times[1]: [(later, _choice(rng, colours))]}
-        others = [s for s in SHAPES if s not in (first, later)]
         question = f"Which appears first, the {named[0]} or the {named[1]}?"
-        # Both named shapes are offered, so the choice is really between the two.
-        return _Plan(evidence, {first, later}, question, first, [later], others)
+        return _Plan(evidence, {first, later}, question, first)
     if task == "localisation":
         shape, colour, second = _choice(rng, SHAPES), _choice(rng, colours), int(rng.integers(seconds))
-        wrong = [str(s) for s in _localisation_options(rng, second, seconds)]
         question = f"At which second does the {shape} appear?"
-        return _Plan({second: [(shape, colour)]}, {shape}, question, str(second), [], wrong)
+        return _Plan({second: [(shape, colour)]}, {shape}, question, str(second))
     if task == "counting":
-        shape, colour, count = _choice(rng, SHAPES), _choice(rng, colours), int(rng.integers(1, MAX_COUNT + 1))
+        most = min(MAX_COUNT, (seconds + 1) // 2)
+        shape, colour, count = _choice(rng, SHAPES), _choice(rng, colours), int(rng.integers(1, most + 1))
         evidence = {second: [(shape, colour)] for second in _separated_seconds(rng, count, seconds)}
-        wrong = [str(n) for n in range(1, MAX_COUNT + 1) if n != count]
-        return _Plan(evidence, {shape}, f"How many times does the {shape} appear?", str(count), [], wrong)
+        return _Plan(evidence, {shape}, f"How many times does the {shape} appear?", str(count))
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
 # --- drawing ---------------------------------------------------------------------------------------------------
 
 
-def _place(rng: np.random.Generator, sizes: Sequence[int], frame_size: int) -> list[tuple[int, int]]:
-    """Top-left corners for boxes of the given sides, at least 2 px apart: rejection sampling, restarting the whole
-    layout when early boxes leave no room for a later one."""
-    for _layout in range(100):
-        corners: list[tuple[int, int, int]] = []
-        for size in sizes:
-            for _attempt in range(50):
-                top, left = (int(v) for v in rng.integers(0, frame_size - size + 1, size=2))
-                if all(top + size + 2 <= t or t + s + 2 <= top or left + size + 2 <= l or l + s + 2 <= left
-                       for t, l, s in corners):
-                    corners.append((top, left, size))
-                    break
-            else:
-                break
-        if len(corners) == len(sizes):
-            return [(top, left) for top, left, _ in corners]
-    # not reached for <= 3 boxes of side <= 0.3 * frame_size (checked over thousands of seeds); a clear failure
-    raise RuntimeError("could not place the objects without overlap")
+def _cells(rng: np.random.Generator, count: int, frame_size: int) -> list[tuple[int, int]]:
+    """Top-left corners of `count` distinct cells of the `CELL`-pixel grid, chosen uniformly."""
+    per_side = frame_size // CELL
+    picks = rng.choice(per_side * per_side, size=count, replace=False)
+    return [(int(pick) // per_side * CELL, int(pick) % per_side * CELL) for pick in picks]
 
 
 def _scene_objects(
@@ -233,18 +186,16 @@ def _scene_objects(
     """Every object of every second: the evidence, plus distractors (shapes not in `avoid`) so that each second
     holds 1 to `max_objects` objects whether or not it is evidence."""
     distractor_shapes = [shape for shape in SHAPES if shape not in avoid]
-    low, high = round(0.22 * frame_size), round(0.3 * frame_size)
     objects = []
     for second in range(seconds):
         own = evidence.get(second, [])
         count = int(rng.integers(max(1 - len(own), 0), max_objects - len(own) + 1))
         drawn = [(shape, colour, True) for shape, colour in own]
         drawn += [(_choice(rng, distractor_shapes), _choice(rng, list(COLOURS)), False) for _ in range(count)]
-        sizes = [int(rng.integers(low, high + 1)) for _ in drawn]
-        for (shape, colour, is_evidence), size, (top, left) in zip(drawn, sizes, _place(rng, sizes, frame_size)):
+        for (shape, colour, is_evidence), (top, left) in zip(drawn, _cells(rng, len(drawn), frame_size)):
             jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
             rgb = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + jitter, 0, 255))
-            objects.append(SceneObject(shape, colour, rgb, second, top, left, size, is_evidence))
+            objects.append(SceneObject(shape, colour, rgb, second, top, left, CELL, is_evidence))
     return objects
 
 
@@ -275,8 +226,8 @@ def _check_options(
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     if not isinstance(seconds, int) or seconds < MIN_SECONDS:
         raise ValueError(f"seconds must be an integer >= {MIN_SECONDS}, got {seconds!r}")
-    if not isinstance(frame_size, int) or frame_size < MIN_FRAME_SIZE:
-        raise ValueError(f"frame_size must be an integer >= {MIN_FRAME_SIZE}, got {frame_size!r}")
+    if not isinstance(frame_size, int) or frame_size < MIN_FRAME_SIZE or frame_size % CELL:
+        raise ValueError(f"frame_size must be a multiple of {CELL} and >= {MIN_FRAME_SIZE}, got {frame_size!r}")
     if not isinstance(fps, int) or fps < 2 or fps % 2:
         raise ValueError(f"fps must be a positive even integer (whole temporal patches of 2 frames), got {fps!r}")
     if not 0 <= noise <= 50:
@@ -296,8 +247,8 @@ def generate_sample(
             seeds is balanced across tasks.
         task: one of `TASKS`, or None.
         seconds: video length; one scene per second, `seconds * fps` frames (default 64 frames).
-        frame_size: frame height and width in pixels; use a multiple of patch size x merge size (8 for the tiny
-            models) so the processor does not resize. Objects are 22-30% of it.
+        frame_size: frame height and width in pixels, a multiple of `CELL` (the tiny models' patch size x merge
+            size, so the processor does not resize either); each object fills one `CELL` x `CELL` grid cell.
         fps: frames per second, an even integer, so each second is whole temporal patches of 2 frames.
         noise: standard deviation of the per-frame Gaussian pixel noise (0: plain background).
         max_objects: the most objects in one second (1 to 3); each second holds at least one.
@@ -310,13 +261,12 @@ def generate_sample(
     # The task is part of the seed so that the same seed gives unrelated videos for different tasks.
     rng = np.random.default_rng([seed, TASKS.index(task)])
     plan = _plan(task, rng, seconds)
-    options, answer = _options(rng, plan.correct, plan.wrong, plan.required)
     background = tuple(int(v) for v in rng.integers(20, 56) + rng.integers(-6, 7, size=3))
     objects = _scene_objects(rng, plan.evidence, plan.avoid, seconds, frame_size, max_objects)
     frames = _render(rng, objects, background, seconds, fps, frame_size, noise)
     evidence_frames = [second * fps + offset for second in sorted(plan.evidence) for offset in range(fps)]
     return SyntheticSample(
-        frames=frames, task=task, question=plan.question, options=options, answer=answer,
+        frames=frames, task=task, question=plan.question, answer=plan.answer,
         evidence_frames=evidence_frames, fps=float(fps), seed=seed, objects=objects, background=background,
     )
 
@@ -406,16 +356,15 @@ def write_synthetic_dataset(
 
 
 def task_texts(max_seconds: int = 64) -> list[str]:
-    """Every question, option and answer text the tasks can produce for videos up to `max_seconds` long, as the
-    chat template renders them (system prompt, roles, multiple-choice layout)."""
-    numbers = [str(n) for n in range(max_seconds)]
+    """Every question and answer text the tasks can produce for videos up to `max_seconds` long, and the chat
+    template's fixed text (system prompt, role names)."""
     questions = [f"What colour is the {shape}?" for shape in SHAPES]
     questions += [f"Which appears first, the {a} or the {b}?" for a in SHAPES for b in SHAPES if a != b]
     questions += [f"At which second does the {shape} appear?" for shape in SHAPES]
     questions += [f"How many times does the {shape} appear?" for shape in SHAPES]
-    option_lines = [f"{letter}. {option}" for letter in LETTERS for option in [*COLOURS, *SHAPES, *numbers]]
-    scaffold = [SYSTEM_PROMPT, MULTIPLE_CHOICE_INSTRUCTION, "system\n", "user\n", "assistant\n", *LETTERS]
-    return questions + option_lines + scaffold
+    answers = [*COLOURS, *SHAPES, *(str(n) for n in range(max_seconds))]
+    scaffold = [SYSTEM_PROMPT, "system\n", "user\n", "assistant\n"]
+    return questions + answers + scaffold
 
 
 def task_vocabulary(max_seconds: int = 64) -> list[str]:
@@ -428,23 +377,26 @@ def task_vocabulary(max_seconds: int = 64) -> list[str]:
 
 def synthetic_tokenizer(max_seconds: int = 64, vocab_size: int = 512):
     """An offline byte-level BPE tokenizer for the synthetic tasks: Qwen's chat special tokens (those of
-    `qtsplus_hf.tiny`), the 256 bytes (any text still encodes) and merges learnt from `task_texts`, so the task's
-    words are mostly single tokens and each answer letter A-D is one token. Deterministic."""
+    `qtsplus_hf.tiny`), the 256 bytes (any text still encodes) and merges learnt from `task_texts`, so every answer
+    (as the assistant's reply starts with it) is one token. Deterministic."""
     tokenizer = byte_level_tokenizer(task_texts(max_seconds) * 4, vocab_size)
-    letter_token_ids(tokenizer)  # checks the single-token property
+    answer_token_ids(tokenizer, max_seconds)  # checks the single-token property
     return tokenizer
 
 
-def letter_token_ids(tokenizer) -> list[int]:
-    """Token ids of the answer letters A-D as the assistant's reply starts with them (for scoring the options)."""
-    ids = [tokenizer.encode(letter, add_special_tokens=False) for letter in LETTERS]
-    if any(len(encoded) != 1 for encoded in ids):
-        raise ValueError(f"the answer letters must be single tokens for this tokenizer, got {ids}")
-    return [encoded[0] for encoded in ids]
+def answer_token_ids(tokenizer, max_seconds: int = 64) -> dict[str, int]:
+    """The token id of every possible answer text; ValueError when one is not a single token."""
+    ids = {}
+    for answer in [*COLOURS, *SHAPES, *(str(n) for n in range(max_seconds))]:
+        encoded = tokenizer.encode(answer, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ValueError(f"the answer {answer!r} is not a single token for this tokenizer: {encoded}")
+        ids[answer] = encoded[0]
+    return ids
 
 
 __all__ = [
-    "COLOURS", "DEFAULT_FPS", "LETTERS", "SHAPES", "TASKS", "SceneObject", "SyntheticSample", "generate_sample",
-    "iter_samples", "letter_token_ids", "nearest_colour", "shape_mask",
+    "CELL", "COLOURS", "DEFAULT_FPS", "SHAPES", "TASKS", "SceneObject", "SyntheticSample", "generate_sample",
+    "answer_token_ids", "iter_samples", "nearest_colour", "shape_mask",
     "synthetic_tokenizer", "task_texts", "task_vocabulary", "write_mp4", "write_synthetic_dataset",
 ]
