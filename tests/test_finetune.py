@@ -14,7 +14,7 @@ from qtsplus_hf.cli import main
 from qtsplus_hf.data import (
     MULTIPLE_CHOICE_INSTRUCTION, VideoQACollator, load_video_qa, normalize_row, question_text,
 )
-from qtsplus_hf.evaluation import evaluate_video_qa, option_letter_token_ids
+from qtsplus_hf.evaluation import evaluate_video_qa, normalize_answer, option_letter_token_ids
 from qtsplus_hf.tiny import VIDEO_ID
 from qtsplus_hf.training import (
     TrainOptions, build_trainer, load_model_and_processor, parameters_without_gradient, prepare_model_for_mode, train,
@@ -232,6 +232,39 @@ def test_eval_accuracy_matches_a_hand_count(qa_folder, tiny_checkpoint, tmp_path
         assert result.metrics[f"accuracy/{kind}"] == sum(hand[kind]) / len(hand[kind])
         assert result.metrics[f"count/{kind}"] == 4
     assert 0.4 < result.metrics["mean_kept_ratio"] <= 0.6  # ceil(0.5 · M) of M tokens per video
+
+
+def greedy_reply_without_cache(model, batch: dict, max_new_tokens: int, eos_id: int) -> list[int]:
+    """Greedy decoding by hand: the whole prompt (video included) through `forward` again for every new token."""
+    batch, reply = dict(batch), []
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(**batch, qtsplus_keep_ratio=0.5).logits
+        token = int(logits[0, -1].argmax())
+        if token == eos_id:
+            break
+        reply.append(token)
+        # the new token is text: attended, not part of the question, not a video token
+        for name, value in (("input_ids", token), ("attention_mask", 1), ("qtsplus_query_mask", False),
+                            ("mm_token_type_ids", 0)):
+            batch[name] = torch.cat([batch[name], torch.tensor([[value]], dtype=batch[name].dtype)], dim=1)
+    return reply
+
+
+def test_free_form_eval_matches_greedy_decoding_by_hand(qa_folder, tiny_checkpoint):
+    model, processor = load_model_and_processor(tiny_checkpoint)
+    model.eval()
+    rows = [{**row, "options": None, "answer_letter": None, "answer": "red"}
+            for row in load_video_qa(str(qa_folder / "train.jsonl"), str(qa_folder)).rows[:4]]
+    collator = VideoQACollator(processor, with_answers=False)
+    replies = [processor.tokenizer.decode(greedy_reply_without_cache(model, collator([row]), 3,
+                                                                     processor.tokenizer.eos_token_id))
+               for row in rows]
+    assert all(normalize_answer(reply) for reply in replies)  # non-empty replies, so the comparison means something
+    rows[0]["answer"] = f" {replies[0].upper()}. "  # case, white space and a final full stop do not count
+    result = evaluate_video_qa(model, processor, rows, keep_ratio=0.5, max_new_tokens=3)
+    assert [p["prediction"] for p in result.predictions] == [normalize_answer(reply) for reply in replies]
+    assert result.metrics["accuracy"] == sum(normalize_answer(r) == "red" for r in replies[1:]) / 4 + 1 / 4
 
 
 def test_cli_eval_writes_a_table_and_json(qa_folder, tiny_checkpoint, tmp_path, capsys):

@@ -10,6 +10,7 @@ import pytest
 from qtsplus_hf.synthetic import (
     CELL,
     COLOURS,
+    GREY,
     SHAPES,
     TASKS,
     answer_token_ids,
@@ -98,7 +99,9 @@ def test_sample_layout(samples):
         assert per_second.min() >= 1 and per_second.max() <= 2
 
 
-@pytest.mark.parametrize("options", [{}, dict(seconds=16, frame_size=32, fps=4, max_objects=3, noise=8.0)])
+@pytest.mark.parametrize(
+    "options", [{}, dict(seconds=16, frame_size=32, fps=4, max_objects=3, noise=8.0, distractors="coloured")]
+)
 def test_recorded_objects_explain_every_pixel(options):
     """Each recorded object is drawn in its colour on every frame of its second, and nothing else is drawn: all
     other pixels are the background plus light noise. So the absence checks below, made on the ground truth, hold
@@ -116,6 +119,14 @@ def test_recorded_objects_explain_every_pixel(options):
                 box = drawn[item.top : item.top + item.size, item.left : item.left + item.size]
                 box |= shape_mask(item.shape, item.size)
             assert np.abs(frame[~drawn].astype(int) - sample.background).max() <= limit
+
+
+def test_only_the_evidence_is_coloured_unless_distractors_are_coloured():
+    for sample in iter_samples(range(40), seconds=16, frame_size=32):
+        assert all((item.colour != GREY) == item.evidence for item in sample.objects)
+    coloured = [item for sample in iter_samples(range(40), seconds=16, frame_size=32, distractors="coloured")
+                for item in sample.objects if not item.evidence]
+    assert {item.colour for item in coloured} == set(COLOURS)
 
 
 def test_shapes_are_distinct_masks():
@@ -275,6 +286,7 @@ def test_tokenizer_covers_the_task_vocabulary(samples):
         (dict(seed=0, fps=3), "fps must be a positive even integer"),
         (dict(seed=0, noise=-1.0), "noise must be a standard deviation"),
         (dict(seed=0, max_objects=4), "max_objects must be 1, 2 or 3"),
+        (dict(seed=0, distractors="red"), "distractors must be one of grey, coloured"),
     ],
 )
 def test_bad_generator_arguments(kwargs, message):
