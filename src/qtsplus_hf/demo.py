@@ -53,7 +53,8 @@ def run_demo(output_dir: str | None = None, seed: int | None = None, model_path:
         correct = normalize_answer(answered.answer) == sample.answer
         log(f"\n[{task}] {video} ({len(sample.frames)} frames, {len(sample.frames) / sample.fps:.0f} s)")
         log(f"question: {sample.question}")
-        log(f"answer: {answered.answer.strip() or '(empty)'}   truth: {sample.answer}   {'correct' if correct else 'wrong'}")
+        verdict = "correct" if correct else "wrong"
+        log(f"answer: {answered.answer.strip() or '(empty)'}   truth: {sample.answer}   {verdict}")
         log(f"vision tokens kept: {result['kept_tokens']} of {result['total_tokens']} (rho = {result['rho']:.3f}), "
             f"from seconds {', '.join(f'{s:g}' for s in result['kept_seconds'][:12])}"
             f"{' ...' if len(result['kept_seconds']) > 12 else ''}; evidence at seconds "

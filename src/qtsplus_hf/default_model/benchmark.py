@@ -140,7 +140,8 @@ def render_report(results: list[tuple[str, dict]], count: int, seed_start: int, 
     ]
     for name, metrics in results:
         cells = [percent(metrics["accuracy"])] + [percent(metrics.get(f"accuracy/{task}")) for task in TASKS]
-        cells += [percent(metrics["localisation_within_1s"]), percent(metrics["mean_kept_ratio"]), f"{1000 * metrics['mean_latency_s']:.1f}",
+        cells += [percent(metrics["localisation_within_1s"]), percent(metrics["mean_kept_ratio"]),
+                  f"{1000 * metrics['mean_latency_s']:.1f}",
                   percent(metrics["most_common_reply"])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     by_name = dict(results)

@@ -125,7 +125,8 @@ def held_out_rows(count: int, seconds: int = VIDEO_SECONDS, start: int = HELD_OU
                   tasks: tuple[str, ...] = TASKS) -> list[dict]:
     """`count` normalised held-out rows, seed `s` asking task `tasks[s % len(tasks)]` (so `TASKS[s % 4]` by
     default, as `generate_sample` does)."""
-    return [normalize_row(synthetic_row(seed, seconds, tasks[seed % len(tasks)])) for seed in range(start, start + count)]
+    seeds = range(start, start + count)
+    return [normalize_row(synthetic_row(seed, seconds, tasks[seed % len(tasks)])) for seed in seeds]
 
 
 def held_out_accuracy(directory: str, count: int, seconds: int, keep_ratio: float | None,
