@@ -32,6 +32,20 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def explore_ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def keep_ratio(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
@@ -178,6 +192,12 @@ def add_train_parser(commands) -> None:
     train.add_argument("--logging-steps", type=positive_int, default=10)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--merge", action="store_true", help="lora: also write the merged full checkpoint")
+    train.add_argument("--grounding-weight", type=non_negative_float, default=None,
+                       help="weight of the grounding loss on rows with evidence_seconds / evidence_boxes")
+    train.add_argument("--distill-weight", type=non_negative_float, default=None,
+                       help="weight of distilling the LM's attention over every video token into the scores")
+    train.add_argument("--explore-ratio", type=explore_ratio, default=None,
+                       help="share of each video's dropped tokens kept at random in training, in [0, 1)")
     train.set_defaults(handler=run_train)
 
 

@@ -8,6 +8,7 @@ from transformers import Qwen2_5_VLConfig
 
 
 POSITION_MODES = ("mrope", "sequential")
+SCORE_AGGREGATIONS = ("max", "weighted")
 
 class QTSplusConfig(Qwen2_5_VLConfig):
     r"""
@@ -47,6 +48,27 @@ class QTSplusConfig(Qwen2_5_VLConfig):
             MRoPE positions and the re-encoder adds absolute time (this project's model). `"sequential"`: the
             selection is spliced into the prompt with plain positions 0, 1, 2, ... on all three rotary axes and no
             time embedding, the way the paper's released checkpoints were trained (`qtsplus convert --from official`).
+        qtsplus_lambda_grounding (`float`, defaults to 0.0):
+            Weight of the grounding loss, for training rows that mark their evidence (`qtsplus_evidence_mask`):
+            the listwise cross-entropy `-mean_{j in E} log(r_j / sum_k r_k)` over each video's evidence tokens E.
+        qtsplus_lambda_distill (`float`, defaults to 0.0):
+            Weight of relevance distillation: `KL(a || r / sum r)`, `a` the language model's own attention from the
+            answer-predicting and question positions over every video token, in a no-gradient pass that keeps all
+            tokens (the teacher of FlexSelect).
+        qtsplus_explore_ratio (`float`, defaults to 0.0):
+            Exploring training gate: besides the top-n tokens, this share of each video's dropped tokens is kept at
+            random in training, so that evidence the selector ranks low still reaches the LM and its loss can raise
+            the token's score. 0 keeps today's deterministic gate; inference is always plain top-n.
+        qtsplus_score_aggregation (`str`, defaults to `"max"`):
+            How a token's relevance gathers the question tokens' attention. `"max"`: the maximum over heads and
+            question tokens (the paper's form, what the released checkpoints use). `"weighted"`: per head, a
+            softmax-weighted sum over the question tokens with weights read from each token by a learned linear
+            map (zero-initialised, so it starts as the mean), then the maximum over heads.
+        qtsplus_relevance_embedding (`bool`, defaults to `False`):
+            Add each kept token's relevance, `clamp(log(r_j M) / log M, -1, 1)` (1: all of the attention, 0: uniform),
+            through a learned direction to the kept token before re-encoding, so the language model can tell which
+            kept tokens the question points at instead of re-deriving it (this project's addition; zero-initialised,
+            so a fresh model is unchanged; the released checkpoints have none).
         qtsplus_base_model (`str`, *optional*):
             Hub id of the checkpoint this model was converted from (set by `from_qwen2_5_vl` and `qtsplus convert`);
             the model card's `base_model`.
@@ -69,6 +91,11 @@ class QTSplusConfig(Qwen2_5_VLConfig):
     qtsplus_time_embedding_dim: int = 64
     qtsplus_vision_chunk_frames: int = 0
     qtsplus_position_mode: str = "mrope"
+    qtsplus_lambda_grounding: float = 0.0
+    qtsplus_lambda_distill: float = 0.0
+    qtsplus_explore_ratio: float = 0.0
+    qtsplus_score_aggregation: str = "max"
+    qtsplus_relevance_embedding: bool = False
     qtsplus_base_model: str | None = None
 
     def __post_init__(self, **kwargs):
@@ -110,9 +137,16 @@ class QTSplusConfig(Qwen2_5_VLConfig):
             fail("qtsplus_vision_chunk_frames", f"a multiple of the temporal patch size ({temporal_patch_size or 2})")
         if self.qtsplus_position_mode not in POSITION_MODES:
             fail("qtsplus_position_mode", " or ".join(repr(mode) for mode in POSITION_MODES))
+        if self.qtsplus_score_aggregation not in SCORE_AGGREGATIONS:
+            fail("qtsplus_score_aggregation", " or ".join(repr(mode) for mode in SCORE_AGGREGATIONS))
         if self.qtsplus_base_model is not None and not isinstance(self.qtsplus_base_model, str):
             fail("qtsplus_base_model", "None or a Hub model id")
-        for field in ("qtsplus_lambda_flops", "qtsplus_lambda_kv", "qtsplus_lambda_smooth"):
+        if isinstance(self.qtsplus_explore_ratio, bool) or not isinstance(self.qtsplus_explore_ratio, (int, float)) or (
+            not 0.0 <= self.qtsplus_explore_ratio < 1.0
+        ):
+            fail("qtsplus_explore_ratio", "a number in [0, 1)")
+        for field in ("qtsplus_lambda_flops", "qtsplus_lambda_kv", "qtsplus_lambda_smooth", "qtsplus_lambda_grounding",
+                      "qtsplus_lambda_distill"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 fail(field, "a non-negative number")

@@ -8,7 +8,10 @@ accepted, so that common layouts (the QTSplus-Dataset's among them) load without
   (an array / tensor `[T, H, W, 3]`, then `fps` in the row says how they were sampled);
 - options: a list (`["red", "blue"]`, or `["A. red", "B. blue"]`), a dict `{"A": "red", ...}`, a JSON string of
   either, or columns `A`, `B`, `C`, ... ; the answer: a letter, an index, or the text of an option;
-- question type: `type`, `question_type`, `qa_type` or `task`.
+- question type: `type`, `question_type`, `qa_type` or `task`;
+- evidence (optional, for the grounding loss and the evidence figures of `qtsplus eval`): `evidence_seconds` (a list
+  of seconds, or JSON text of one) and `evidence_boxes` (`[[second, x0, y0, x1, y1], ...]` in fractions of the
+  frame); `counterfactual_question`, a question about something else in the same video.
 
 Multiple-choice rows are asked with their lettered options and answered by the letter (the paper's VSCQ
 classification); rows without options are free-form answers (VQA) learned by teacher forcing.
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .evidence import evidence_token_mask
 from .processing_qtsplus import MULTIPLE_CHOICE_INSTRUCTION
 from .video_qtsplus import load_video_for_processor
 
@@ -118,8 +122,40 @@ def _answer_letter(answer: Any, options: list[str]) -> str:
     raise ValueError(f"the answer {text!r} is not one of the options {options}")
 
 
+def _json_list(value: Any, name: str) -> list | None:
+    """A list column that CSV files hold as JSON text; None when absent."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"{name} is not a list (nor JSON text of one): {value!r}") from None
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _evidence_of(row: dict) -> dict:
+    """The optional evidence columns, checked: seconds >= 0, boxes `[second, x0, y0, x1, y1]`."""
+    seconds = _json_list(row.get("evidence_seconds"), "evidence_seconds")
+    boxes = _json_list(row.get("evidence_boxes"), "evidence_boxes")
+    if seconds is not None and not all(isinstance(v, (int, float)) and v >= 0 for v in seconds):
+        raise ValueError(f"evidence_seconds must be non-negative numbers, got {seconds}")
+    for box in boxes or []:
+        if not isinstance(box, (list, tuple)) or len(box) != 5 or box[0] < 0:
+            raise ValueError(f"each evidence box must be [second, x0, y0, x1, y1], got {box}")
+    counterfactual = row.get("counterfactual_question")
+    if not isinstance(counterfactual, str) or not counterfactual.strip():
+        counterfactual = None
+    return {"evidence_seconds": seconds, "evidence_boxes": boxes, "counterfactual_question": counterfactual}
+
+
 def normalize_row(row: dict, video_root: str | None = None) -> dict:
-    """One raw row -> `{video, question, answer, options, answer_letter, type, fps}`.
+    """One raw row -> `{video, question, answer, options, answer_letter, type, fps, evidence_seconds,
+    evidence_boxes, counterfactual_question}`.
 
     `answer` is the training target: the letter for multiple choice, the free-form text otherwise.
     Raises ValueError naming what is wrong with the row.
@@ -148,6 +184,7 @@ def normalize_row(row: dict, video_root: str | None = None) -> dict:
         "answer_letter": letter,
         "type": None if question_type is None else str(question_type),
         "fps": row.get("fps"),
+        **_evidence_of(row),
     }
 
 
@@ -261,6 +298,20 @@ def answer_token_labels(processor, input_ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+def evidence_sequence_mask(processor, batch: dict, rows: Sequence[dict]) -> torch.Tensor:
+    """Bool `[B, S]`: the video placeholder positions of each row's evidence tokens (one video per row)."""
+    video_token = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    merge_size = processor.video_processor.merge_size
+    intervals = batch.get("second_per_grid_ts")
+    mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    for index, row in enumerate(rows):
+        interval = float(intervals[index]) if intervals is not None else 1.0
+        tokens = evidence_token_mask(batch["video_grid_thw"][index].tolist(), interval, merge_size,
+                                     row.get("evidence_seconds"), row.get("evidence_boxes"))
+        mask[index, (batch["input_ids"][index] == video_token).nonzero().flatten()] = tokens
+    return mask
+
+
 class VideoQACollator:
     """Turn normalised rows into model inputs: decode and sample each video, apply the chat template, run the
     processor (padding on the right for training) and, with `with_answers`, add `labels` for the answer tokens.
@@ -297,6 +348,8 @@ class VideoQACollator:
             batch["labels"] = answer_token_labels(self.processor, batch["input_ids"])
             batch["labels"][batch["attention_mask"] == 0] = -100
         batch = dict(batch)
+        if self.with_answers and any(row.get("evidence_seconds") or row.get("evidence_boxes") for row in rows):
+            batch["qtsplus_evidence_mask"] = evidence_sequence_mask(self.processor, batch, rows)
         if self.keep_ratio is not None:
             batch["qtsplus_keep_ratio"] = self.keep_ratio
         return batch

@@ -1,6 +1,6 @@
 # Copyright 2026 The qtsplus-hf authors. Licensed under the Apache License, Version 2.0.
 """Video QA evaluation: the model's answer per question, accuracy (overall and per question type), the share of
-vision tokens kept, and latency.
+vision tokens kept, latency and, for rows that say where their evidence is, how the selection treated it.
 
 Multiple-choice rows: the choice is the option letter with the highest logit at the first generated position
 (`generate` with one new token), so a model that would go on to write "B. blue" or "B" counts the same; the paper
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import LETTERS, VideoQACollator
+from .evidence import evidence_figures, evidence_token_mask
 
 
 METRIC_PATH = os.path.join(os.path.dirname(__file__), "metrics", "video_qa_accuracy.py")
@@ -34,7 +35,8 @@ def option_letter_token_ids(tokenizer, num_options: int) -> list[int]:
 @dataclass
 class EvalResult:
     """`metrics`: accuracy, count, accuracy/<type>, count/<type>, mean_kept_ratio, mean_latency_s,
-    mean_load_s. `predictions`: one dict per question."""
+    mean_load_s, and the evidence figures of `evidence_metrics` for rows with evidence. `predictions`: one dict per
+    question."""
 
     metrics: dict
     predictions: list[dict] = field(default_factory=list)
@@ -84,6 +86,62 @@ def predict_option(model, batch: dict, letter_ids: Sequence[int], keep_ratio: fl
     return choice, outputs.get("qtsplus")
 
 
+EVIDENCE_FIGURES = ("token_recall", "second_recall", "top_scored")
+
+
+def row_evidence_mask(processor, batch: dict, row: dict) -> torch.Tensor | None:
+    """Bool `[M]` over the row's video tokens (one video per row), or None when the row says nothing of evidence."""
+    if not (row.get("evidence_seconds") or row.get("evidence_boxes")):
+        return None
+    intervals = batch.get("second_per_grid_ts")
+    return evidence_token_mask(
+        batch["video_grid_thw"][0].tolist(), float(intervals[0]) if intervals is not None else 1.0,
+        processor.video_processor.merge_size, row.get("evidence_seconds"), row.get("evidence_boxes"),
+    )
+
+
+def selection_evidence(selection, evidence: torch.Tensor, batch: dict, merge_size: int) -> dict[str, float] | None:
+    """`evidence_figures` of the first video of a selection."""
+    _, grid_h, grid_w = batch["video_grid_thw"][0].tolist()
+    return evidence_figures(selection.scores[0], selection.kept_indices[0], evidence,
+                            (grid_h // merge_size) * (grid_w // merge_size))
+
+
+@torch.no_grad()
+def counterfactual_evidence(model, processor, collator: VideoQACollator, row: dict, evidence: torch.Tensor,
+                            keep_ratio: float | None, device: torch.device) -> dict[str, float] | None:
+    """The evidence figures of the row's evidence under its `counterfactual_question` (same video, same budget
+    rule): a selector that reads the question keeps and ranks that evidence far less often."""
+    question = row.get("counterfactual_question")
+    if not question:
+        return None
+    batch = {name: value.to(device) for name, value in collator([{**row, "question": question}]).items()}
+    selection = model.select(**batch, qtsplus_keep_ratio=keep_ratio)
+    return selection_evidence(selection, evidence, batch, processor.video_processor.merge_size)
+
+
+def evidence_metrics(predictions: Sequence[dict]) -> dict[str, float]:
+    """Means over the rows with evidence: `evidence/<figure>` under the row's own question,
+    `evidence_counterfactual/<figure>` under its counterfactual one, `evidence_gap/<figure>` = own − counterfactual
+    over the rows that have both, and the counts (`evidence/count`, `evidence_counterfactual/count`)."""
+    own = [p["evidence"] for p in predictions if p.get("evidence")]
+    metrics = {}
+    if not own:
+        return metrics
+    metrics["evidence/count"] = len(own)
+    for figure in EVIDENCE_FIGURES:
+        metrics[f"evidence/{figure}"] = sum(e[figure] for e in own) / len(own)
+    paired = [p for p in predictions if p.get("evidence") and p.get("evidence_counterfactual")]
+    if paired:
+        metrics["evidence_counterfactual/count"] = len(paired)
+        for figure in EVIDENCE_FIGURES:
+            counterfactual = sum(p["evidence_counterfactual"][figure] for p in paired) / len(paired)
+            own_paired = sum(p["evidence"][figure] for p in paired) / len(paired)
+            metrics[f"evidence_counterfactual/{figure}"] = counterfactual
+            metrics[f"evidence_gap/{figure}"] = own_paired - counterfactual
+    return metrics
+
+
 def predict_row(model, processor, batch: dict, row: dict, keep_ratio: float | None,
                 max_new_tokens: int) -> tuple[str, str, object]:
     """(prediction, reference, selection) for one row: option letters for multiple choice, normalised text
@@ -98,10 +156,14 @@ def predict_row(model, processor, batch: dict, row: dict, keep_ratio: float | No
 
 def evaluate_video_qa(
     model, processor, rows: Sequence[dict], keep_ratio: float | None = None, fps: float | None = None,
-    max_frames: int | None = None, max_new_tokens: int = 16,
+    max_frames: int | None = None, max_new_tokens: int = 16, with_evidence: bool = True,
 ) -> EvalResult:
     """Accuracy of `model` on normalised rows (`qtsplus_hf.data.normalize_row`), multiple-choice and free-form,
     one at a time, on the device the model is on.
+
+    Rows with `evidence_seconds` / `evidence_boxes` (and QTSplus on) also get the evidence figures of the selection
+    that answered them and, with a `counterfactual_question`, of the selection that question makes on the same
+    video (`evidence_metrics`); `with_evidence=False` skips them.
 
     `latency_s` is the model's time to the answer (vision encoder, selector, prefill and, for free-form rows, the
     generated tokens), after one untimed warm-up question; `load_s` is decoding and preprocessing the video.
@@ -129,6 +191,13 @@ def evaluate_video_qa(
             "kept_tokens": kept, "total_tokens": total, "kept_ratio": kept / max(total, 1),
             "latency_s": done - loaded, "load_s": loaded - start,
         })
+        evidence = row_evidence_mask(processor, batch, row) if with_evidence and selection is not None else None
+        if evidence is not None:
+            merge_size = processor.video_processor.merge_size
+            predictions[-1]["evidence"] = selection_evidence(selection, evidence, batch, merge_size)
+            predictions[-1]["evidence_counterfactual"] = counterfactual_evidence(
+                model, processor, collator, row, evidence, keep_ratio, device
+            )
     types = [p["type"] if p["type"] is not None else "untyped" for p in predictions]
     metric = evaluate.load(METRIC_PATH)
     metrics = metric.compute(
@@ -138,10 +207,11 @@ def evaluate_video_qa(
     )
     metrics["mean_latency_s"] = sum(p["latency_s"] for p in predictions) / len(predictions)
     metrics["mean_load_s"] = sum(p["load_s"] for p in predictions) / len(predictions)
+    metrics.update(evidence_metrics(predictions))
     return EvalResult(metrics=metrics, predictions=predictions)
 
 
 __all__ = [
-    "EvalResult", "evaluate_video_qa", "normalize_answer", "option_letter_token_ids", "predict_option", "predict_row",
+    "EVIDENCE_FIGURES", "EvalResult", "counterfactual_evidence", "evaluate_video_qa", "evidence_metrics", "normalize_answer", "option_letter_token_ids", "predict_option", "predict_row",
     "predict_text",
 ]

@@ -24,7 +24,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import Qwen2_5_VLForConditionalGeneration, initialization
+from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration, initialization
 from transformers.utils import ModelOutput, logging
 
 from .configuration_qtsplus import QTSplusConfig
@@ -72,7 +72,8 @@ class QTSplusSelection:
 class QTSplusCausalLMOutputWithPast(_StockCausalLMOutput):
     """The stock Qwen2.5-VL causal LM output plus the selection and the loss terms.
 
-    `loss` = `lm_loss` + λ_flops·`flops_loss` + λ_kv·`kv_loss` + λ_smooth·`smooth_loss` (unweighted terms here).
+    `loss` = `lm_loss` + λ_flops·`flops_loss` + λ_kv·`kv_loss` + λ_smooth·`smooth_loss` (+ λ_grounding·
+    `grounding_loss` and λ_distill·`distill_loss` when those signals are on; unweighted terms here).
     `logits` cover the compacted sequence (text + kept video tokens) when QTSplus ran.
     """
 
@@ -81,6 +82,8 @@ class QTSplusCausalLMOutputWithPast(_StockCausalLMOutput):
     flops_loss: torch.Tensor | None = None
     kv_loss: torch.Tensor | None = None
     smooth_loss: torch.Tensor | None = None
+    grounding_loss: torch.Tensor | None = None
+    distill_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -98,6 +101,9 @@ class QTSplusInputs:
         rope_deltas: `[batch, 1]`, next MRoPE position minus the number of attended prefill tokens.
         selection: the per-video selection.
         rho_for_losses: `[num_videos]`, ρ with its graph (for the auxiliary losses).
+        scores_for_losses: `[V, M]`, relevance r with its graph, zero past each video's end (`video_mask [V, M]`).
+        evidence: bool `[V, M]`, the caller's evidence tokens (`qtsplus_evidence_mask`), or None.
+        teacher: `[V, M]`, the LM's attention over every video token, a distribution per video (None unless asked).
     """
 
     input_ids: torch.Tensor
@@ -108,6 +114,10 @@ class QTSplusInputs:
     rope_deltas: torch.Tensor
     selection: QTSplusSelection
     rho_for_losses: torch.Tensor
+    scores_for_losses: torch.Tensor
+    video_mask: torch.Tensor
+    evidence: torch.Tensor | None = None
+    teacher: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -270,6 +280,25 @@ class QTSplusTimeEmbedding(nn.Module):
         return self.proj(torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.proj.weight.dtype))
 
 
+class QTSplusRelevanceEmbedding(nn.Module):
+    """Relevance r of a kept token -> `clamp(log(r·M) / log M, -1, 1)` -> a learned direction `[..., D]`.
+
+    The feature is 1 for a token holding all of a question row's attention and 0 for uniform attention, whatever M.
+    The projection starts at zero, so a fresh embedding changes nothing.
+    """
+
+    def __init__(self, config: QTSplusConfig) -> None:
+        super().__init__()
+        self.proj = nn.Linear(1, config.text_config.hidden_size, bias=False)
+        self.proj.zero_init = True
+
+    def forward(self, scores: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+        """`scores [V, N]` (kept tokens' r), `num_tokens [V]` (M per video) -> `[V, N, D]`."""
+        log_m = num_tokens.float().clamp_min(2).log()[:, None]
+        feature = ((scores.float().clamp_min(1e-12).log() + log_m) / log_m).clamp(-1.0, 1.0)
+        return self.proj(feature[..., None].to(self.proj.weight.dtype))
+
+
 class QTSplusReencodeLayer(nn.Module):
     """Self-attention over the kept tokens of a video, time injected inside the attention branch.
 
@@ -351,7 +380,8 @@ class QTSplusSelector(nn.Module):
     """Scores video tokens by the question, predicts the budget, keeps top-n, re-encodes them with time.
 
     Parameter layout (maps 1:1 onto the released checkpoints' `qts_plus.selector.*`): `scoring_layers.N`,
-    `budget.mlp.{0,2}`, `reencode_layers.N.core`, plus `time_embedding.proj` (this project's absolute-time input).
+    `budget.mlp.{0,2}`, `reencode_layers.N.core`, plus `time_embedding.proj` (this project's absolute-time input)
+    and, when configured, `relevance_embedding.proj` (this project's relevance input).
     """
 
     def __init__(self, config: QTSplusConfig) -> None:
@@ -361,6 +391,11 @@ class QTSplusSelector(nn.Module):
             [QTSplusAttentionLayer(config) for _ in range(config.qtsplus_num_scoring_layers)]
         )
         self.budget = QTSplusBudgetHead(config)
+        # Aggregation over the question tokens: "max" (the released form) or "weighted" (see `weighted_relevance`).
+        self.query_token_weights = None
+        if config.qtsplus_score_aggregation == "weighted":
+            self.query_token_weights = nn.Linear(config.text_config.hidden_size, config.text_config.num_attention_heads)
+            self.query_token_weights.zero_init = True
         self.reencode_layers = nn.ModuleList(
             [QTSplusReencodeLayer(config) for _ in range(config.qtsplus_num_reencode_layers)]
         )
@@ -371,6 +406,7 @@ class QTSplusSelector(nn.Module):
             and config.qtsplus_position_mode == "mrope"
         )
         self.time_embedding = QTSplusTimeEmbedding(config) if use_time else None
+        self.relevance_embedding = QTSplusRelevanceEmbedding(config) if config.qtsplus_relevance_embedding else None
         # Running mean of ρ over training, the reference of the smoothness loss (not saved with the weights).
         self.register_buffer("rho_sum", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("rho_count", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -378,7 +414,8 @@ class QTSplusSelector(nn.Module):
     def score(
         self, video: torch.Tensor, video_mask: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Relevance r `[V, M]` in [0, 1]: max over heads and question tokens of the last layer's attention.
+        """Relevance r `[V, M]` in [0, 1]: max over heads and question tokens of the last layer's attention (or the
+        learned weighting of `weighted_relevance`).
 
         Args:
             video `[V, M, D]`, video_mask bool `[V, M]`, query `[V, L, D]`, query_mask bool `[V, L]`.
@@ -386,13 +423,31 @@ class QTSplusSelector(nn.Module):
         for layer in self.scoring_layers[:-1]:
             _, attn_output = layer.cross_attention_probs(query, video, video_mask)
             query = layer.finish(query, attn_output)
-        probs, _ = self.scoring_layers[-1].cross_attention_probs(query, video, video_mask, with_output=False)
+        last = self.scoring_layers[-1]
+        probs, _ = last.cross_attention_probs(query, video, video_mask, with_output=False)
         groups = probs.shape[2] // query.shape[1]
+        if self.query_token_weights is not None:
+            return self.weighted_relevance(probs, last.q_norm(query), query_mask) * video_mask
         # Max over the key/value heads first (a [V, G*L, M] result, H_kv times smaller than probs); then padded
         # question rows must not vote: probabilities are >= 0, so zeroing them removes them from the max.
         per_row = probs.amax(dim=1)
         row_mask = query_mask.repeat(1, groups)[:, :, None]
         return per_row.masked_fill(~row_mask, 0.0).amax(dim=1) * video_mask
+
+    def weighted_relevance(self, probs: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        """Aggregation `"weighted"`: r_j = max over heads h of Σ_l w_hl p_hlj, w_h = softmax over the question
+        tokens of a learned linear read of each token (zero-initialised: the mean over tokens).
+
+        Under the max over tokens every question row votes with its full attention, so the rows of words that name
+        nothing ("what", "is", "the") add the same saliency to every question; learned weights let the rows of the
+        words that name the evidence decide. `probs [V, H_kv, G*L, M]` (rows `(g, l)`), `query [V, L, D]`.
+        """
+        batch, kv_heads, rows, length = probs.shape
+        groups = rows // query.shape[1]
+        logits = self.query_token_weights(query).float().masked_fill(~query_mask[..., None], float("-inf"))
+        weights = logits.softmax(dim=1).transpose(1, 2).reshape(batch, kv_heads, groups * query.shape[1])
+        per_head = (probs * weights[..., None]).view(batch, kv_heads, groups, -1, length).sum(3)
+        return per_head.amax(dim=(1, 2))
 
     def predict_rho(
         self, query: torch.Tensor, query_mask: torch.Tensor, scores: torch.Tensor, video_mask: torch.Tensor
@@ -420,13 +475,16 @@ class QTSplusSelector(nn.Module):
         query_mask: torch.Tensor,
         seconds: torch.Tensor,
         keep_ratio: float | None = None,
+        selection_scores: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Select and re-encode, batched over videos padded to a common length.
 
         Args:
             video `[V, M, D]`, video_mask bool `[V, M]`, query `[V, L, D]` (the question of each video's sample),
             query_mask bool `[V, L]`, seconds `[V, M]` (timestamp of every video token), keep_ratio: None for the
-            predicted budget, else a fixed ratio in (0, 1] (n_max does not apply then).
+            predicted budget, else a fixed ratio in (0, 1] (n_max does not apply then), selection_scores `[V, M]`:
+            rank the tokens by these instead of r when choosing the top-n (query-agnostic baselines); r still
+            feeds the budget and the relevance embedding.
         Returns:
             keep bool `[V, M]`; kept tokens re-encoded, flattened in video order `[Σn, D]`; ρ `[V]` (with graph);
             scores `[V, M]`.
@@ -439,16 +497,25 @@ class QTSplusSelector(nn.Module):
         else:
             rho = torch.full_like(num_tokens, keep_ratio, dtype=torch.float32)
             counts = budget_to_token_count(rho, num_tokens, None)
-        keep = top_n_mask(scores, counts, video_mask)
+        keep = top_n_mask(scores if selection_scores is None else selection_scores, counts, video_mask)
 
         kept_features = video
         if self.training:
             # Straight-through gate: forward value exactly 1 on kept tokens, gradient of σ((r − t)/τ) backwards,
             # so the LM loss reaches the scoring layers (through r) and the budget head (through t(ρ)).
+            tau = self.config.qtsplus_tau
             cap = self.config.qtsplus_max_tokens if keep_ratio is None else None
-            threshold = soft_threshold(scores, rho, video_mask, self.config.qtsplus_tau, max_tokens=cap)
-            soft = torch.sigmoid((scores - threshold[:, None]) / self.config.qtsplus_tau)
+            threshold = soft_threshold(scores, rho, video_mask, tau, max_tokens=cap)
+            soft = torch.sigmoid((scores - threshold[:, None]) / tau)
             gate = keep.to(soft.dtype) + (soft - soft.detach())
+            explored = self.explored_tokens(keep, video_mask)
+            if explored is not None:
+                # Far below the threshold σ' vanishes, so an explored token gets the gate's steepest slope, 1 / 4τ:
+                # if the LM's loss falls with it, its score rises.
+                explore_gate = 1.0 + (scores - scores.detach()) / (4 * tau)
+                gate = torch.where(explored, explore_gate, gate)
+                keep = keep | explored
+                counts = keep.sum(-1)
             kept_features = video * gate[..., None].to(video.dtype)
 
         # Pack each video's kept tokens to the front of a [V, N] grid, in their original order.
@@ -460,9 +527,26 @@ class QTSplusSelector(nn.Module):
         packed_seconds = seconds.new_zeros(packed_shape)
         packed_seconds[rows, slot[keep]] = seconds[keep]
         packed_mask = torch.arange(packed_shape[1], device=video.device)[None, :] < counts[:, None]
+        if self.relevance_embedding is not None:
+            packed_scores = scores.new_zeros(packed_shape)
+            packed_scores[rows, slot[keep]] = scores[keep]
+            packed = packed + self.relevance_embedding(packed_scores, num_tokens).to(packed.dtype)
         if len(self.reencode_layers) > 0:
             packed = self.reencode(packed, packed_mask, packed_seconds)
         return keep, packed[packed_mask], rho, scores
+
+    def explored_tokens(self, keep: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor | None:
+        """Bool `[V, M]`: `qtsplus_explore_ratio` of each video's dropped tokens, drawn uniformly (None when off).
+
+        Without them a token the selector drops never reaches the LM, so no loss can tell that it mattered (the
+        released code's Gumbel gate explores in the same spirit).
+        """
+        ratio = self.config.qtsplus_explore_ratio
+        if ratio <= 0:
+            return None
+        dropped = video_mask & ~keep
+        extra = torch.round(dropped.sum(-1).double() * ratio).long()
+        return top_n_mask(torch.rand(keep.shape, device=keep.device), extra, dropped)
 
     def smoothness_loss(self, rho: torch.Tensor) -> torch.Tensor:
         """(ρ − running mean of ρ over training)², averaged over videos; the running mean updates in training."""
@@ -473,6 +557,84 @@ class QTSplusSelector(nn.Module):
         if self.rho_count == 0:
             return (rho - rho.detach().mean()).pow(2).mean()
         return (rho - (self.rho_sum / self.rho_count).to(rho.dtype)).pow(2).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5b. Training signals that teach the selector which tokens the question needs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def relevance_distribution(scores: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+    """log p `[V, M]`, p = r / Σr over each video's tokens (float32; -inf past a video's end)."""
+    scores = scores.float().clamp_min(1e-12).masked_fill(~video_mask, 0.0)
+    return (scores.log() - scores.sum(-1, keepdim=True).log()).masked_fill(~video_mask, float("-inf"))
+
+
+def grounding_loss(scores: torch.Tensor, video_mask: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor | None:
+    """Listwise cross-entropy `-mean_{j in E} log(r_j / Σ_k r_k)`, averaged over the videos with evidence E.
+
+    A ranking loss rather than a BCE on r: only the order of the scores decides what top-n keeps, and a video's
+    evidence is a handful of its M tokens. `scores`, bool `video_mask` and bool `evidence`: `[V, M]`.
+    """
+    evidence = evidence & video_mask
+    counts = evidence.sum(-1)
+    if not bool((counts > 0).any()):
+        return None
+    log_p = relevance_distribution(scores, video_mask).masked_fill(~evidence, 0.0)
+    per_video = -log_p.sum(-1) / counts.clamp_min(1)
+    return per_video[counts > 0].mean()
+
+
+def distillation_loss(scores: torch.Tensor, video_mask: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor | None:
+    """KL(a || r / Σr), averaged over videos; `teacher` a `[V, M]` distribution per video (rows of zeros: skipped)."""
+    has_target = teacher.sum(-1) > 0
+    if not bool(has_target.any()):
+        return None
+    log_p = relevance_distribution(scores, video_mask)
+    log_teacher = teacher.clamp_min(1e-12).log()
+    per_video = (teacher * (log_teacher - log_p.masked_fill(~video_mask, 0.0))).masked_fill(~video_mask, 0.0).sum(-1)
+    return per_video[has_target].mean()
+
+
+class ReaderAttentionRecorder:
+    """Records, during one no-gradient LM pass, the attention that the reader rows pay to every key.
+
+    The LM runs with the `"qtsplus_reader_sdpa"` attention function: the stock SDPA for its output, plus, for the
+    reader rows only (`rows [B, R]`, -1 = none), their causal softmax over the keys, averaged over heads and rows and
+    summed over layers into `attention [B, S]`. R is the question and answer length, so this costs `[B, H, R, S]`
+    per layer, where eager attention (`output_attentions=True`) would materialise `[B, H, S, S]`.
+    """
+
+    def __init__(self, rows: torch.Tensor, key_mask: torch.Tensor) -> None:
+        self.rows, self.key_mask = rows, key_mask.bool()
+        self.attention = torch.zeros(key_mask.shape, dtype=torch.float32, device=key_mask.device)
+
+    def record(self, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
+        """`query [B, H, S, d]`, `key [B, H_kv, S, d]` (after the rotary embedding)."""
+        batch, heads, _, head_dim = query.shape
+        valid_rows = self.rows >= 0
+        rows = self.rows.clamp_min(0)
+        picked = query.gather(2, rows[:, None, :, None].expand(batch, heads, -1, head_dim)).float()
+        keys = key.float().repeat_interleave(heads // key.shape[1], dim=1)
+        logits = torch.matmul(picked, keys.transpose(-1, -2)) * (scaling or head_dim**-0.5)
+        positions = torch.arange(key.shape[2], device=key.device)
+        allowed = self.key_mask[:, None, :] & (positions[None, None, :] <= rows[:, :, None])  # [B, R, S]
+        probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).nan_to_num(0.0).mean(1)
+        probs = probs * valid_rows[..., None]
+        self.attention += probs.sum(1) / valid_rows.sum(-1, keepdim=True).clamp_min(1)
+
+
+def _reader_sdpa_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """SDPA attention that also feeds the module's `ReaderAttentionRecorder`, when one is attached."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    recorder = getattr(module, "qtsplus_reader_recorder", None)
+    if recorder is not None:
+        recorder.record(query, key, kwargs.get("scaling"))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register("qtsplus_reader_sdpa", _reader_sdpa_attention)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -528,7 +690,8 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if getattr(module, "zero_init", False):  # the re-encoder's residual outputs: a fresh layer is the identity
+        # Re-encoder residual outputs and the relevance embedding start at zero: a fresh selector changes nothing.
+        if getattr(module, "zero_init", False):
             initialization.zeros_(module.weight)
             if module.bias is not None:
                 initialization.zeros_(module.bias)
@@ -653,11 +816,19 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         qtsplus_query_mask: torch.Tensor | None = None,
         qtsplus_keep_ratio: float | None = None,
         qtsplus_vision_chunk_frames: int | None = None,
+        qtsplus_evidence_mask: torch.Tensor | None = None,
+        qtsplus_selection_scores: list[torch.Tensor] | None = None,
+        with_teacher: bool = False,
     ) -> QTSplusInputs:
         """Run the vision encoder and the selector once and build the compacted prefill (see `QTSplusInputs`).
 
         Unselected `<|video_pad|>` positions are removed from the embeddings, mask, labels and positions; the rows
         are re-padded to the longest one on the side the batch was padded on (left unless a row ends in padding).
+        `qtsplus_evidence_mask` (bool `[B, S]`, True at evidence video tokens) feeds the grounding loss;
+        `with_teacher` runs the LM once more on every token, without gradient, for the distillation target.
+        `qtsplus_selection_scores` (one `[M_v]` tensor per video) ranks the tokens instead of the selector's relevance
+        when the top-n is chosen: a query-agnostic baseline (e.g. EVS-style temporal change) run through the same
+        model at the same budget.
         """
         self._check_keep_ratio(qtsplus_keep_ratio)
         if input_ids is None:
@@ -700,8 +871,16 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         seconds = video_token_timestamps(
             video_grid_thw, second_per_grid_ts, self.config.vision_config.spatial_merge_size, video.device
         )
+        selection_scores = None
+        if qtsplus_selection_scores is not None:
+            if [len(v) for v in qtsplus_selection_scores] != num_tokens.tolist():
+                raise ValueError(f"qtsplus_selection_scores must hold one score per video token, "
+                                 f"{num_tokens.tolist()} per video; got {[len(v) for v in qtsplus_selection_scores]}")
+            selection_scores = nn.utils.rnn.pad_sequence(
+                [v.to(video.device, torch.float32) for v in qtsplus_selection_scores], batch_first=True
+            )
         keep, kept_tokens, rho, scores = self.qtsplus(
-            video, video_mask, query[owner], query_mask[owner], seconds, qtsplus_keep_ratio
+            video, video_mask, query[owner], query_mask[owner], seconds, qtsplus_keep_ratio, selection_scores
         )
 
         # Drop the unselected placeholders (and the old padding: the shortened rows are padded afresh), then embed
@@ -739,6 +918,22 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         kept_ids = compact(input_ids, pad_value=self.config.text_config.pad_token_id or 0)
         inputs_embeds = self._compacted_embeddings(kept_ids, new_attention_mask, image_embeds, kept_tokens)
 
+        evidence = teacher = None
+        if qtsplus_evidence_mask is not None:
+            if qtsplus_evidence_mask.shape != input_ids.shape:
+                raise ValueError(f"qtsplus_evidence_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(qtsplus_evidence_mask.shape)}")
+            evidence = torch.zeros_like(video_mask)
+            evidence[video_mask] = qtsplus_evidence_mask.to(video_mask.device).bool()[video_positions]
+        if with_teacher:
+            full_positions = (
+                torch.cat([(attention_mask.long().cumsum(-1) - 1).clamp_min(0)[None], position_ids], dim=0)
+                if self.config.qtsplus_position_mode == "mrope" else None
+            )
+            teacher = self.reader_attention_over_video(
+                input_ids, attention_mask, labels, question, video_embeds, image_embeds, full_positions, video_mask
+            )
+
         kept_per_video = keep.sum(-1).tolist()
         selection = QTSplusSelection(
             kept_indices=list(keep.nonzero()[:, 1].split(kept_per_video)),
@@ -756,7 +951,61 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             rope_deltas=rope_deltas,
             selection=selection,
             rho_for_losses=rho,
+            scores_for_losses=scores,
+            video_mask=video_mask,
+            evidence=evidence,
+            teacher=teacher,
         )
+
+    @torch.no_grad()
+    def reader_attention_over_video(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
+        question: torch.Tensor, video_embeds: list[torch.Tensor], image_embeds: torch.Tensor | None,
+        position_ids: torch.Tensor | None, video_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The distillation target `[V, M]`: the LM's attention over every raw video token (as the stock model sees
+        the prompt), from the question tokens and the positions that predict the answer, averaged over heads, rows
+        and layers and normalised per video (a row of zeros where no reader row comes after the video).
+
+        `position_ids` `[4, B, S]` (None: plain positions, the `"sequential"` mode).
+        """
+        readers = question.clone()
+        if labels is not None:
+            readers[:, :-1] |= labels[:, 1:] != IGNORE_INDEX
+        else:  # the position that predicts the first new token
+            readers[torch.arange(len(readers)), attention_mask.long().cumsum(-1).argmax(-1)] = True
+        readers &= attention_mask.bool()
+        counts = readers.sum(-1)
+        slots = torch.arange(int(counts.max()), device=readers.device)
+        rows = torch.full((len(readers), len(slots)), -1, dtype=torch.long, device=readers.device)
+        rows[slots[None, :] < counts[:, None]] = readers.nonzero()[:, 1]
+        recorder = ReaderAttentionRecorder(rows, attention_mask)
+
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        if image_embeds is not None:
+            image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
+                                                            image_features=image_embeds)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds.to(inputs_embeds.dtype))
+        video_slots = (input_ids == self.config.video_token_id)[..., None]
+        inputs_embeds = inputs_embeds.masked_scatter(video_slots, torch.cat(video_embeds).to(inputs_embeds.dtype))
+
+        language_model = self.model.language_model
+        previous = language_model.config._attn_implementation
+        attention_layers = [layer.self_attn for layer in language_model.layers]
+        language_model.set_attn_implementation("qtsplus_reader_sdpa")
+        try:
+            for layer in attention_layers:
+                layer.qtsplus_reader_recorder = recorder
+            language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False)
+        finally:
+            for layer in attention_layers:
+                del layer.qtsplus_reader_recorder
+            language_model.set_attn_implementation(previous)
+        on_video = recorder.attention[input_ids == self.config.video_token_id]
+        teacher = torch.zeros(video_mask.shape, dtype=torch.float32, device=video_mask.device)
+        teacher[video_mask] = on_video.to(video_mask.device)
+        return teacher / teacher.sum(-1, keepdim=True).clamp_min(1e-12)
 
     def _question_embeddings(
         self, input_ids: torch.Tensor, question: torch.Tensor, image_embeds: torch.Tensor | None
@@ -806,6 +1055,20 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             "smooth_loss": self.qtsplus.smoothness_loss(rho),
         }
 
+    def selection_losses(self, prefill: QTSplusInputs) -> dict[str, torch.Tensor]:
+        """The grounding and distillation terms (unweighted) that apply to this batch: the rows have evidence / a
+        teacher target, and their weight is positive."""
+        losses = {}
+        if prefill.evidence is not None and self.config.qtsplus_lambda_grounding > 0:
+            value = grounding_loss(prefill.scores_for_losses, prefill.video_mask, prefill.evidence)
+            if value is not None:
+                losses["grounding_loss"] = value
+        if prefill.teacher is not None:
+            value = distillation_loss(prefill.scores_for_losses, prefill.video_mask, prefill.teacher)
+            if value is not None:
+                losses["distill_loss"] = value
+        return losses
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -823,6 +1086,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         qtsplus_query_mask: torch.Tensor | None = None,
         qtsplus_keep_ratio: float | None = None,
         qtsplus_vision_chunk_frames: int | None = None,
+        qtsplus_evidence_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> QTSplusCausalLMOutputWithPast:
         r"""
@@ -834,6 +1098,9 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             None: the predicted budget. A float in (0, 1]: keep that share of each video's tokens (1.0 keeps all).
         qtsplus_vision_chunk_frames (`int`, *optional*):
             Overrides `config.qtsplus_vision_chunk_frames` for this call (0 encodes each video at once).
+        qtsplus_evidence_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            True at the video tokens that show the evidence (training rows with `evidence_seconds` / boxes): with
+            labels and `config.qtsplus_lambda_grounding > 0`, the grounding loss ranks them first.
 
         When the selector runs, `logits` (and the loss) cover the compacted sequence.
         """
@@ -879,6 +1146,8 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             qtsplus_query_mask=qtsplus_query_mask,
             qtsplus_keep_ratio=qtsplus_keep_ratio,
             qtsplus_vision_chunk_frames=qtsplus_vision_chunk_frames,
+            qtsplus_evidence_mask=qtsplus_evidence_mask,
+            with_teacher=labels is not None and self.training and self.config.qtsplus_lambda_distill > 0,
         )
         stock_inputs.update(
             attention_mask=prefill.attention_mask, position_ids=prefill.position_ids[1:], labels=prefill.labels
@@ -890,14 +1159,17 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         if labels is not None:
             num_tokens = torch.tensor(prefill.selection.num_tokens, device=prefill.rho_for_losses.device)
             aux = self.auxiliary_losses(prefill.rho_for_losses, num_tokens)
-            for name, value in aux.items():
-                setattr(result, name, value)
             result.loss = (
                 outputs.loss
                 + self.config.qtsplus_lambda_flops * aux["flops_loss"]
                 + self.config.qtsplus_lambda_kv * aux["kv_loss"]
                 + self.config.qtsplus_lambda_smooth * aux["smooth_loss"]
             )
+            for name, value in self.selection_losses(prefill).items():
+                aux[name] = value
+                result.loss = result.loss + getattr(self.config, f"qtsplus_lambda_{name.removesuffix('_loss')}") * value
+            for name, value in aux.items():
+                setattr(result, name, value)
         return result if return_dict is not False else result.to_tuple()
 
     def generate(
@@ -913,6 +1185,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         qtsplus_query_mask: torch.Tensor | None = None,
         qtsplus_keep_ratio: float | None = None,
         qtsplus_vision_chunk_frames: int | None = None,
+        qtsplus_selection_scores: list[torch.Tensor] | None = None,
         **kwargs,
     ):
         """`GenerationMixin.generate` with the selector run once, at prefill.
@@ -940,7 +1213,8 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         with torch.no_grad():
             prefill = self.prepare_qtsplus_inputs(
                 input_ids=input_ids, qtsplus_query_mask=qtsplus_query_mask, qtsplus_keep_ratio=qtsplus_keep_ratio,
-                qtsplus_vision_chunk_frames=qtsplus_vision_chunk_frames, **stock_inputs,
+                qtsplus_vision_chunk_frames=qtsplus_vision_chunk_frames,
+                qtsplus_selection_scores=qtsplus_selection_scores, **stock_inputs,
             )
         self.model.rope_deltas = prefill.rope_deltas
         dropped = input_ids.shape[1] - prefill.input_ids.shape[1]

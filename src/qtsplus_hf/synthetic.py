@@ -52,6 +52,9 @@ GREY_RGB = (150, 150, 150)
 DISTRACTOR_MODES = ("grey", "coloured")
 DEFAULT_FPS = 2
 MIN_SECONDS = 2  # the order task needs two seconds
+# Default scene density: every second holds 2-4 objects (about 96 in a 32-second video), more than the 5-15% of its
+# 512 tokens a budget keeps, so keeping every object cannot pass without reading the question.
+MIN_OBJECTS, MAX_OBJECTS = 2, 4
 MIN_FRAME_SIZE = 32
 MAX_COUNT = 5  # at most (seconds + 1) // 2 in shorter videos: occurrences are never in adjacent seconds
 CELL = 8  # objects fill one cell of an 8-pixel grid: one vision token of the tiny models (patch 4, merge 2)
@@ -90,13 +93,35 @@ class SyntheticSample:
     seed: int
     objects: list[SceneObject]
     background: tuple[int, int, int]
+    counterfactual_question: str | None = None
+
+    @property
+    def frame_size(self) -> int:
+        return int(self.frames.shape[1])
+
+    @property
+    def evidence_seconds(self) -> list[int]:
+        """The seconds that show the evidence."""
+        return sorted({item.second for item in self.objects if item.evidence})
+
+    @property
+    def evidence_boxes(self) -> list[list[float]]:
+        """`[second, x0, y0, x1, y1]` per evidence object, the box in fractions of the frame (see
+        `qtsplus_hf.evidence`)."""
+        side = self.frame_size
+        return [[item.second, item.left / side, item.top / side, (item.left + item.size) / side,
+                 (item.top + item.size) / side] for item in self.objects if item.evidence]
+
+    def evidence_columns(self) -> dict:
+        """The ground truth of where the evidence is, and the counterfactual question, as row columns."""
+        return {"evidence_frames": list(self.evidence_frames), "evidence_seconds": self.evidence_seconds,
+                "evidence_boxes": self.evidence_boxes, "counterfactual_question": self.counterfactual_question}
 
     def manifest_row(self, video: str) -> dict:
         """The manifest row for this sample stored at `video` (a path relative to the manifest)."""
         return {
             "video": video, "question": self.question, "answer": self.answer,
-            "type": self.task, "evidence_frames": list(self.evidence_frames), "fps": float(self.fps),
-            "seed": self.seed,
+            "type": self.task, **self.evidence_columns(), "fps": float(self.fps), "seed": self.seed,
         }
 
 
@@ -186,15 +211,15 @@ def _cells(rng: np.random.Generator, count: int, frame_size: int) -> list[tuple[
 
 def _scene_objects(
     rng: np.random.Generator, evidence: dict[int, list[tuple[str, str]]], avoid: set, seconds: int,
-    frame_size: int, max_objects: int, distractors: str,
+    frame_size: int, min_objects: int, max_objects: int, distractors: str,
 ) -> list[SceneObject]:
     """Every object of every second: the evidence, plus distractors (shapes not in `avoid`, grey or coloured) so
-    that each second holds 1 to `max_objects` objects whether or not it is evidence."""
+    that each second holds `min_objects` to `max_objects` objects whether or not it is evidence."""
     distractor_shapes = [shape for shape in SHAPES if shape not in avoid]
     objects = []
     for second in range(seconds):
         own = evidence.get(second, [])
-        count = int(rng.integers(max(1 - len(own), 0), max_objects - len(own) + 1))
+        count = int(rng.integers(max(min_objects - len(own), 0), max_objects - len(own) + 1))
         drawn = [(shape, colour, True) for shape, colour in own]
         drawn += [(_choice(rng, distractor_shapes), GREY if distractors == "grey" else _choice(rng, list(COLOURS)),
                    False) for _ in range(count)]
@@ -227,7 +252,7 @@ def _render(
 
 def _check_options(
     task: str | None, seconds: int = 32, frame_size: int = 64, fps: int = DEFAULT_FPS, noise: float = 4.0,
-    max_objects: int = 2, distractors: str = "grey",
+    max_objects: int = MAX_OBJECTS, distractors: str = "coloured", min_objects: int = MIN_OBJECTS,
 ) -> None:
     if task is not None and task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
@@ -239,15 +264,18 @@ def _check_options(
         raise ValueError(f"fps must be a positive even integer (whole temporal patches of 2 frames), got {fps!r}")
     if not 0 <= noise <= 50:
         raise ValueError(f"noise must be a standard deviation in [0, 50], got {noise!r}")
-    if not isinstance(max_objects, int) or not 1 <= max_objects <= 3:
-        raise ValueError(f"max_objects must be 1, 2 or 3, got {max_objects!r}")
+    cells = (frame_size // CELL) ** 2 if isinstance(frame_size, int) else 0
+    if not isinstance(max_objects, int) or not 1 <= max_objects <= min(8, cells):
+        raise ValueError(f"max_objects must be an integer in [1, {min(8, cells)}], got {max_objects!r}")
+    if not isinstance(min_objects, int) or not 1 <= min_objects <= max_objects:
+        raise ValueError(f"min_objects must be an integer in [1, max_objects={max_objects}], got {min_objects!r}")
     if distractors not in DISTRACTOR_MODES:
         raise ValueError(f"distractors must be one of {', '.join(DISTRACTOR_MODES)}, got {distractors!r}")
 
 
 def generate_sample(
     seed: int, task: str | None = None, *, seconds: int = 32, frame_size: int = 64, fps: int = DEFAULT_FPS,
-    noise: float = 4.0, max_objects: int = 2, distractors: str = "grey",
+    noise: float = 4.0, max_objects: int = MAX_OBJECTS, distractors: str = "coloured", min_objects: int = MIN_OBJECTS,
 ) -> SyntheticSample:
     """One video and question, a pure function of its arguments.
 
@@ -260,28 +288,46 @@ def generate_sample(
             size, so the processor does not resize either); each object fills one `CELL` x `CELL` grid cell.
         fps: frames per second, an even integer, so each second is whole temporal patches of 2 frames.
         noise: standard deviation of the per-frame Gaussian pixel noise (0: plain background).
-        max_objects: the most objects in one second (1 to 3); each second holds at least one.
-        distractors: `"grey"`: every distractor is grey, so the evidence is the only colour in the video and can be
-            found without reading the question (what the default model is trained on); `"coloured"`: distractors
-            take palette colours too, so only the asked shape tells the evidence apart (a tiny model trained from
-            scratch for minutes did not learn that, see docs/design-notes.md).
+        max_objects / min_objects: the most / fewest objects in one second (1 to 8, at most one per grid cell).
+        distractors: `"coloured"` (the default): distractors take palette colours too, so only the asked shape tells
+            the evidence apart and a selector must read the question; `"grey"` (a diagnostic): every distractor is
+            grey, so the evidence is the only colour and can be found without the question.
+
+    The sample's `counterfactual_question` asks the same task about distractor shape(s) present in the video
+    (None when too few distinct ones are): the same video, a question whose evidence is elsewhere.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
     task = TASKS[seed % len(TASKS)] if task is None else task
-    _check_options(task, seconds, frame_size, fps, noise, max_objects, distractors)
+    _check_options(task, seconds, frame_size, fps, noise, max_objects, distractors, min_objects)
     # The task is part of the seed so that the same seed gives unrelated videos for different tasks.
     rng = np.random.default_rng([seed, TASKS.index(task)])
     plan = _plan(task, rng, seconds)
     background = tuple(int(v) for v in rng.integers(20, 56) + rng.integers(-6, 7, size=3))
-    objects = _scene_objects(rng, plan.evidence, plan.avoid, seconds, frame_size, max_objects, distractors)
+    objects = _scene_objects(rng, plan.evidence, plan.avoid, seconds, frame_size, min_objects, max_objects,
+                             distractors)
     frames = _render(rng, objects, background, seconds, fps, frame_size, noise)
+    counterfactual = _counterfactual_question(rng, task, plan, objects)
     evidence_frames = [second * fps + offset for second in sorted(plan.evidence) for offset in range(fps)]
     return SyntheticSample(
         frames=frames, task=task, question=plan.question, answer=plan.answer,
         evidence_frames=evidence_frames, fps=float(fps), seed=seed, objects=objects, background=background,
+        counterfactual_question=counterfactual,
     )
+
+
+def _counterfactual_question(
+    rng: np.random.Generator, task: str, plan: _Plan, objects: Sequence[SceneObject]
+) -> str | None:
+    """The task's question with its shape(s) replaced by distractor shapes present in the video (drawn after the
+    frames, so the video does not depend on it)."""
+    present = sorted({item.shape for item in objects if not item.evidence})
+    asked = [shape for shape in SHAPES if shape in plan.question]
+    if len(present) < len(asked):
+        return None
+    swap = dict(zip(sorted(asked, key=plan.question.index), _choice(rng, present, len(asked))))
+    return re.sub(r"the (\w+)", lambda match: f"the {swap.get(match.group(1), match.group(1))}", plan.question)
 
 
 def iter_samples(seeds: Iterable[int], task: str | None = None, **options) -> Iterator[SyntheticSample]:

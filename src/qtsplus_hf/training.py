@@ -56,6 +56,10 @@ class TrainOptions:
     logging_steps: int = 10
     seed: int = 0
     merge: bool = False
+    # Training signals for the selector (None: the checkpoint's own `qtsplus_*` setting, 0 unless trained with it).
+    grounding_weight: float | None = None  # qtsplus_lambda_grounding: rows with evidence_seconds / evidence_boxes
+    distill_weight: float | None = None  # qtsplus_lambda_distill: the LM's attention over every token as teacher
+    explore_ratio: float | None = None  # qtsplus_explore_ratio: share of dropped tokens kept at random
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -67,6 +71,17 @@ class TrainOptions:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.merge and self.mode != "lora":
             raise ValueError("merge applies to mode 'lora' only (the other modes write a full checkpoint already)")
+        for name in ("grounding_weight", "distill_weight"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.explore_ratio is not None and not 0.0 <= self.explore_ratio < 1.0:
+            raise ValueError(f"explore_ratio must be in [0, 1), got {self.explore_ratio}")
+
+    def selector_signals(self) -> dict[str, float]:
+        """The `qtsplus_*` config fields these options set (those given)."""
+        fields_of = {"grounding_weight": "qtsplus_lambda_grounding", "distill_weight": "qtsplus_lambda_distill",
+                     "explore_ratio": "qtsplus_explore_ratio"}
+        return {field: getattr(self, name) for name, field in fields_of.items() if getattr(self, name) is not None}
 
 
 def load_model_and_processor(path: str) -> tuple[QTSplusQwen2_5_VLForConditionalGeneration, QTSplusProcessor]:
@@ -148,7 +163,7 @@ class QTSplusTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _record(self, outputs) -> None:
-        for name in ("lm_loss", "flops_loss", "kv_loss", "smooth_loss"):
+        for name in ("lm_loss", "flops_loss", "kv_loss", "smooth_loss", "grounding_loss", "distill_loss"):
             value = getattr(outputs, name, None)
             if value is not None:
                 self._sums[name] += float(value.detach())
@@ -279,6 +294,8 @@ def train(options: TrainOptions, rows: Sequence[dict] | torch.utils.data.Dataset
         data = VideoQAData(rows=lazy, skipped=[], total=len(lazy))
     else:
         data = load_video_qa(options.data if rows is None else rows, options.video_root)
+    for field, value in options.selector_signals().items():
+        setattr(model.config, field, value)
     half_dtype = model.dtype if model.dtype in HALF_DTYPES else None
     torch.manual_seed(options.seed)
     model = prepare_model_for_mode(model, options)
