@@ -99,10 +99,11 @@ def build_initial_checkpoint(directory: str, seed: int, num_reencode_layers: int
 
 
 def synthetic_row(seed: int, seconds: int = VIDEO_SECONDS, task: str | None = None) -> dict:
-    """A raw row with frames in memory for `seed` (task `TASKS[seed % 4]` unless given)."""
+    """A raw row with frames in memory for `seed` (task `TASKS[seed % 4]` unless given), with its evidence columns
+    (`evidence_seconds`, `evidence_boxes`, `counterfactual_question`)."""
     sample = generate_sample(seed, task, seconds=seconds, frame_size=FRAME_SIZE)
     return {"video": sample.frames, "fps": sample.fps, "question": sample.question, "answer": sample.answer,
-            "type": sample.task, "seed": sample.seed}
+            "type": sample.task, "seed": sample.seed, **sample.evidence_columns()}
 
 
 class SyntheticVideoQA(torch.utils.data.Dataset):
