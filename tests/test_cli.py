@@ -33,6 +33,11 @@ def test_demo_answers_one_video_per_task_offline_and_writes_pictures(tmp_path):
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
         assert f"selection picture: {tmp_path / f'{task}.png'}" in result.stdout
         assert os.path.isfile(tmp_path / f"{task}.mp4")
+    for name in ("query_own", "query_counterfactual"):  # one video, two questions about two objects of it
+        with open(tmp_path / f"{name}.png", "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert f"selection picture: {tmp_path / f'{name}.png'}" in result.stdout
+    assert re.search(r"overlap: the two questions share \d+ of the \d+ tokens either kept", result.stdout)
 
 
 def test_bad_argument_is_one_line_and_exit_code_2():

@@ -86,9 +86,14 @@ def answer_video(
     return VideoAnswer(result, inputs, frames, selection)
 
 
-def save_answer_picture(path: str, processor, answered: VideoAnswer, title: str) -> None:
-    """The selection picture of `qtsplus answer --viz`: sampled frames with the kept patches lit, relevance over
-    time. ValueError when QTSplus is disabled (nothing was selected)."""
+def save_answer_picture(path: str, processor, answered: VideoAnswer, title: str, evidence=None) -> tuple[int, int]:
+    """The selection picture of `qtsplus answer --viz`: the temporal patches holding kept tokens or evidence with the
+    kept patches lit and the evidence cells outlined, relevance over time (see `qtsplus_hf.visualize`). Returns the
+    picture's (width, height) in pixels.
+
+    `evidence`: optional bool `[M]` over the video's tokens (`qtsplus_hf.evidence.evidence_token_mask`).
+    ValueError when QTSplus is disabled (nothing was selected).
+    """
     from .visualize import save_selection_png, selection_figure_data
 
     if answered.selection is None:
@@ -98,9 +103,9 @@ def save_answer_picture(path: str, processor, answered: VideoAnswer, title: str)
     data = selection_figure_data(
         answered.frames, tuple(inputs["video_grid_thw"][0].tolist()), answered.selection.kept_indices[0],
         answered.selection.scores[0], video_processor.merge_size, video_processor.temporal_patch_size,
-        float(inputs["second_per_grid_ts"][0]),
+        float(inputs["second_per_grid_ts"][0]), evidence=evidence,
     )
-    save_selection_png(path, data, title)
+    return save_selection_png(path, data, title)
 
 
 def format_seconds(seconds: dict) -> str:

@@ -67,8 +67,8 @@ class QTSplusConfig(Qwen2_5_VLConfig):
         qtsplus_relevance_embedding (`bool`, defaults to `False`):
             Add each kept token's relevance, `clamp(log(r_j M) / log M, -1, 1)` (1: all of the attention, 0: uniform),
             through a learned direction to the kept token before re-encoding, so the language model can tell which
-            kept tokens the question points at instead of re-deriving it (this project's addition; zero-initialised,
-            so a fresh model is unchanged; the released checkpoints have none).
+            kept tokens the question points at instead of re-deriving it (this project's addition; zeroed by
+            `from_qwen2_5_vl`, so a converted model is unchanged; the released checkpoints have none).
         qtsplus_base_model (`str`, *optional*):
             Hub id of the checkpoint this model was converted from (set by `from_qwen2_5_vl` and `qtsplus convert`);
             the model card's `base_model`.

@@ -9,8 +9,8 @@ scores VSCQ this way. Free-form rows: the greedy reply, compared with the answer
 
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -64,22 +64,26 @@ def normalize_answer(text: str) -> str:
 
 
 @torch.no_grad()
-def predict_text(model, batch: dict, processor, keep_ratio: float | None, max_new_tokens: int) -> tuple[str, object]:
-    """The greedy reply to one question, and the selection QTSplus made (None when it is disabled)."""
+def predict_text(model, batch: dict, processor, keep_ratio: float | None, max_new_tokens: int,
+                 **generate_kwargs) -> tuple[str, object]:
+    """The greedy reply to one question, and the selection QTSplus made (None when it is disabled).
+    `generate_kwargs` (e.g. `qtsplus_selection_scores`) go on to `generate`."""
     outputs = model.generate(
         **batch, qtsplus_keep_ratio=keep_ratio, max_new_tokens=max_new_tokens, do_sample=False,
-        return_dict_in_generate=True,
+        return_dict_in_generate=True, **generate_kwargs,
     )
     reply = outputs.sequences[0, batch["input_ids"].shape[1]:]
     return processor.tokenizer.decode(reply, skip_special_tokens=True), outputs.get("qtsplus")
 
 
 @torch.no_grad()
-def predict_option(model, batch: dict, letter_ids: Sequence[int], keep_ratio: float | None) -> tuple[int, object]:
-    """Index of the chosen option for one question, and the selection QTSplus made (None when it is disabled)."""
+def predict_option(model, batch: dict, letter_ids: Sequence[int], keep_ratio: float | None,
+                   **generate_kwargs) -> tuple[int, object]:
+    """Index of the chosen option for one question, and the selection QTSplus made (None when it is disabled).
+    `generate_kwargs` (e.g. `qtsplus_selection_scores`) go on to `generate`."""
     outputs = model.generate(
         **batch, qtsplus_keep_ratio=keep_ratio, max_new_tokens=1, do_sample=False, output_logits=True,
-        return_dict_in_generate=True,
+        return_dict_in_generate=True, **generate_kwargs,
     )
     first_logits = outputs.logits[0][0]
     choice = int(first_logits[list(letter_ids)].argmax())
@@ -109,15 +113,26 @@ def selection_evidence(selection, evidence: torch.Tensor, batch: dict, merge_siz
 
 @torch.no_grad()
 def counterfactual_evidence(model, processor, collator: VideoQACollator, row: dict, evidence: torch.Tensor,
-                            keep_ratio: float | None, device: torch.device) -> dict[str, float] | None:
+                            keep_ratio: float | None, device: torch.device,
+                            selection_scores: list[torch.Tensor] | None = None) -> dict[str, float] | None:
     """The evidence figures of the row's evidence under its `counterfactual_question` (same video, same budget
-    rule): a selector that reads the question keeps and ranks that evidence far less often."""
+    rule): a selector that reads the question keeps and ranks that evidence far less often. `selection_scores`
+    (one `[M_v]` tensor per video, of the same video): rank by these, as `generate` did for the row."""
     question = row.get("counterfactual_question")
     if not question:
         return None
     batch = {name: value.to(device) for name, value in collator([{**row, "question": question}]).items()}
-    selection = model.select(**batch, qtsplus_keep_ratio=keep_ratio)
-    return selection_evidence(selection, evidence, batch, processor.video_processor.merge_size)
+    selection = model.select(**batch, qtsplus_keep_ratio=keep_ratio, qtsplus_selection_scores=selection_scores)
+    return selection_evidence(ranked_by(selection, selection_scores), evidence, batch,
+                              processor.video_processor.merge_size)
+
+
+def ranked_by(selection, selection_scores: list[torch.Tensor] | None):
+    """The selection with the scores that chose its tokens: `selection_scores` when given (a baseline's ranking),
+    else the selector's relevance."""
+    if selection is None or selection_scores is None:
+        return selection
+    return replace(selection, scores=[scores.detach() for scores in selection_scores])
 
 
 def evidence_metrics(predictions: Sequence[dict]) -> dict[str, float]:
@@ -143,20 +158,22 @@ def evidence_metrics(predictions: Sequence[dict]) -> dict[str, float]:
 
 
 def predict_row(model, processor, batch: dict, row: dict, keep_ratio: float | None,
-                max_new_tokens: int) -> tuple[str, str, object]:
+                max_new_tokens: int, **generate_kwargs) -> tuple[str, str, object]:
     """(prediction, reference, selection) for one row: option letters for multiple choice, normalised text
     otherwise."""
     if row.get("options"):
         letter_ids = option_letter_token_ids(processor.tokenizer, len(row["options"]))
-        choice, selection = predict_option(model, batch, letter_ids, keep_ratio)
+        choice, selection = predict_option(model, batch, letter_ids, keep_ratio, **generate_kwargs)
         return LETTERS[choice], row["answer_letter"], selection
-    reply, selection = predict_text(model, batch, processor, keep_ratio, max_new_tokens)
+    reply, selection = predict_text(model, batch, processor, keep_ratio, max_new_tokens, **generate_kwargs)
     return normalize_answer(reply), normalize_answer(row["answer"]), selection
 
 
 def evaluate_video_qa(
     model, processor, rows: Sequence[dict], keep_ratio: float | None = None, fps: float | None = None,
     max_frames: int | None = None, max_new_tokens: int = 16, with_evidence: bool = True,
+    keep_ratios: Sequence[float] | None = None,
+    selection_scores: Callable[[object, dict], list[torch.Tensor]] | None = None,
 ) -> EvalResult:
     """Accuracy of `model` on normalised rows (`qtsplus_hf.data.normalize_row`), multiple-choice and free-form,
     one at a time, on the device the model is on.
@@ -165,6 +182,11 @@ def evaluate_video_qa(
     that answered them and, with a `counterfactual_question`, of the selection that question makes on the same
     video (`evidence_metrics`); `with_evidence=False` skips them.
 
+    `keep_ratios` (one per row) overrides `keep_ratio` row by row. `selection_scores(model, batch)` (the batch of
+    one row, on the model's device) returns one `[M_v]` tensor per video that ranks the tokens instead of the
+    selector's relevance (`qtsplus_selection_scores` of `generate`: a query-agnostic baseline through the same
+    model); the evidence figures then use those scores, and computing them counts in `load_s`, not `latency_s`.
+
     `latency_s` is the model's time to the answer (vision encoder, selector, prefill and, for free-form rows, the
     generated tokens), after one untimed warm-up question; `load_s` is decoding and preprocessing the video.
     """
@@ -172,17 +194,32 @@ def evaluate_video_qa(
 
     if not rows:
         raise ValueError("no rows to evaluate")
+    if keep_ratios is not None and len(keep_ratios) != len(rows):
+        raise ValueError(f"keep_ratios must hold one ratio per row ({len(rows)}), got {len(keep_ratios)}")
+    ratios = [keep_ratio] * len(rows) if keep_ratios is None else [float(ratio) for ratio in keep_ratios]
     collator = VideoQACollator(processor, fps=fps, max_frames=max_frames, with_answers=False)
     model.eval()
     device = next(model.parameters()).device
+
+    def ranking(batch: dict) -> list[torch.Tensor] | None:
+        if selection_scores is None:
+            return None
+        with torch.no_grad():
+            return selection_scores(model, batch)
+
+    def extra(scores: list[torch.Tensor] | None) -> dict:
+        return {} if scores is None else {"qtsplus_selection_scores": scores}
+
     warm_up = {name: value.to(device) for name, value in collator(rows[:1]).items()}
-    predict_row(model, processor, warm_up, rows[0], keep_ratio, max_new_tokens)
+    predict_row(model, processor, warm_up, rows[0], ratios[0], max_new_tokens, **extra(ranking(warm_up)))
     predictions = []
-    for row in rows:
+    for row, ratio in zip(rows, ratios):
         start = time.perf_counter()
         batch = {name: value.to(device) for name, value in collator([row]).items()}
+        scores = ranking(batch)
         loaded = _synchronized_clock(device)
-        prediction, reference, selection = predict_row(model, processor, batch, row, keep_ratio, max_new_tokens)
+        prediction, reference, selection = predict_row(model, processor, batch, row, ratio, max_new_tokens,
+                                                       **extra(scores))
         done = _synchronized_clock(device)
         total = int((batch["input_ids"] == model.config.video_token_id).sum())
         kept = sum(selection.num_kept) if selection is not None else total
@@ -194,9 +231,9 @@ def evaluate_video_qa(
         evidence = row_evidence_mask(processor, batch, row) if with_evidence and selection is not None else None
         if evidence is not None:
             merge_size = processor.video_processor.merge_size
-            predictions[-1]["evidence"] = selection_evidence(selection, evidence, batch, merge_size)
+            predictions[-1]["evidence"] = selection_evidence(ranked_by(selection, scores), evidence, batch, merge_size)
             predictions[-1]["evidence_counterfactual"] = counterfactual_evidence(
-                model, processor, collator, row, evidence, keep_ratio, device
+                model, processor, collator, row, evidence, ratio, device, scores
             )
     types = [p["type"] if p["type"] is not None else "untyped" for p in predictions]
     metric = evaluate.load(METRIC_PATH)
@@ -212,6 +249,6 @@ def evaluate_video_qa(
 
 
 __all__ = [
-    "EVIDENCE_FIGURES", "EvalResult", "counterfactual_evidence", "evaluate_video_qa", "evidence_metrics", "normalize_answer", "option_letter_token_ids", "predict_option", "predict_row",
-    "predict_text",
+    "EVIDENCE_FIGURES", "EvalResult", "counterfactual_evidence", "evaluate_video_qa", "evidence_metrics",
+    "normalize_answer", "option_letter_token_ids", "predict_option", "predict_row", "predict_text", "ranked_by",
 ]

@@ -284,13 +284,15 @@ class QTSplusRelevanceEmbedding(nn.Module):
     """Relevance r of a kept token -> `clamp(log(r·M) / log M, -1, 1)` -> a learned direction `[..., D]`.
 
     The feature is 1 for a token holding all of a question row's attention and 0 for uniform attention, whatever M.
-    The projection starts at zero, so a fresh embedding changes nothing.
+    A model built from scratch starts with a unit-norm direction, visible to the LM from the first step (at zero
+    it would be a saddle: the LM cannot learn to use a direction that is not there); `from_qwen2_5_vl` zeroes it so
+    that a converted model still equals the stock one.
     """
 
     def __init__(self, config: QTSplusConfig) -> None:
         super().__init__()
         self.proj = nn.Linear(1, config.text_config.hidden_size, bias=False)
-        self.proj.zero_init = True
+        self.proj.unit_norm_init = True
 
     def forward(self, scores: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
         """`scores [V, N]` (kept tokens' r), `num_tokens [V]` (M per video) -> `[V, N, D]`."""
@@ -690,7 +692,9 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        # Re-encoder residual outputs and the relevance embedding start at zero: a fresh selector changes nothing.
+        if getattr(module, "unit_norm_init", False):  # the relevance embedding's direction
+            initialization.normal_(module.weight, std=module.weight.shape[0] ** -0.5)
+        # Re-encoder residual outputs start at zero: a fresh re-encoder is the identity.
         if getattr(module, "zero_init", False):
             initialization.zeros_(module.weight)
             if module.bias is not None:
@@ -926,10 +930,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             evidence = torch.zeros_like(video_mask)
             evidence[video_mask] = qtsplus_evidence_mask.to(video_mask.device).bool()[video_positions]
         if with_teacher:
-            full_positions = (
-                torch.cat([(attention_mask.long().cumsum(-1) - 1).clamp_min(0)[None], position_ids], dim=0)
-                if self.config.qtsplus_position_mode == "mrope" else None
-            )
+            full_positions = position_ids if self.config.qtsplus_position_mode == "mrope" else None
             teacher = self.reader_attention_over_video(
                 input_ids, attention_mask, labels, question, video_embeds, image_embeds, full_positions, video_mask
             )
@@ -967,7 +968,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         the prompt), from the question tokens and the positions that predict the answer, averaged over heads, rows
         and layers and normalised per video (a row of zeros where no reader row comes after the video).
 
-        `position_ids` `[4, B, S]` (None: plain positions, the `"sequential"` mode).
+        `position_ids` `[3, B, S]`, the stock MRoPE positions (None: plain positions, the `"sequential"` mode).
         """
         readers = question.clone()
         if labels is not None:
@@ -1266,6 +1267,8 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             target.q_norm.weight.copy_(source.input_layernorm.weight)
             target.kv_norm.weight.copy_(source.input_layernorm.weight)
             target.ffn_norm.weight.copy_(source.post_attention_layernorm.weight)
+        if self.qtsplus.relevance_embedding is not None:
+            self.qtsplus.relevance_embedding.proj.weight.zero_()
         for layer in self.qtsplus.reencode_layers:
             layer.core.o_proj.weight.zero_()
             layer.core.ffn.net[2].weight.zero_()

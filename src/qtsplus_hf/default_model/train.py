@@ -42,6 +42,10 @@ class Stage:
     learning_rate: float
     tasks: tuple[str, ...] = TASKS
     batch_size: int = 16
+    # The selector's training signals (`TrainOptions` / `qtsplus train` options of the same names).
+    grounding_weight: float = 0.0
+    distill_weight: float = 0.0
+    explore_ratio: float = 0.0
 
 
 # Distractors are grey (`generate_sample`'s default), so the evidence is the one coloured object. Measured on 2 cores
@@ -161,7 +165,8 @@ def train_default_model(
             options = TrainOptions(
                 model=previous, data="", output=folder, mode="full", max_steps=steps, batch_size=stage.batch_size,
                 learning_rate=stage.learning_rate, warmup_steps=0.05, keep_ratio=stage.keep_ratio,
-                logging_steps=max(1, steps // 5), seed=seed + index,
+                logging_steps=max(1, steps // 5), seed=seed + index, grounding_weight=stage.grounding_weight,
+                distill_weight=stage.distill_weight, explore_ratio=stage.explore_ratio,
             )
             start = time.perf_counter()
             result = train(options, rows=rows)
