@@ -10,6 +10,8 @@ import pytest
 from qtsplus_hf.synthetic import (
     CELL,
     COLOURS,
+    MAX_OBJECTS,
+    MIN_OBJECTS,
     GREY,
     SHAPES,
     TASKS,
@@ -96,11 +98,13 @@ def test_sample_layout(samples):
         pairs = np.array(sample.evidence_frames).reshape(-1, 2)
         assert (pairs[:, 0] % 2 == 0).all() and (pairs[:, 1] == pairs[:, 0] + 1).all()
         per_second = np.bincount([item.second for item in sample.objects], minlength=32)
-        assert per_second.min() >= 1 and per_second.max() <= 2
+        assert per_second.min() >= MIN_OBJECTS and per_second.max() <= MAX_OBJECTS
+    # Dense by default: more objects than the 15% of 512 tokens the largest budget keeps.
+    assert min(len(sample.objects) for sample in samples if sample.frames.shape[0] == 64) > 77
 
 
 @pytest.mark.parametrize(
-    "options", [{}, dict(seconds=16, frame_size=32, fps=4, max_objects=3, noise=8.0, distractors="coloured")]
+    "options", [{}, dict(seconds=16, frame_size=32, fps=4, max_objects=3, noise=8.0, distractors="grey")]
 )
 def test_recorded_objects_explain_every_pixel(options):
     """Each recorded object is drawn in its colour on every frame of its second, and nothing else is drawn: all
@@ -121,12 +125,31 @@ def test_recorded_objects_explain_every_pixel(options):
             assert np.abs(frame[~drawn].astype(int) - sample.background).max() <= limit
 
 
-def test_only_the_evidence_is_coloured_unless_distractors_are_coloured():
-    for sample in iter_samples(range(40), seconds=16, frame_size=32):
+def test_distractors_are_coloured_by_default_and_grey_on_request():
+    for sample in iter_samples(range(40), seconds=16, frame_size=32, distractors="grey"):
         assert all((item.colour != GREY) == item.evidence for item in sample.objects)
-    coloured = [item for sample in iter_samples(range(40), seconds=16, frame_size=32, distractors="coloured")
+    coloured = [item for sample in iter_samples(range(40), seconds=16, frame_size=32)
                 for item in sample.objects if not item.evidence]
     assert {item.colour for item in coloured} == set(COLOURS)
+
+
+def test_counterfactual_question_names_distractor_shapes_present_in_the_video():
+    for sample in iter_samples(range(40), seconds=16, frame_size=32):
+        question, counterfactual = sample.question, sample.counterfactual_question
+        assert counterfactual is not None and counterfactual != question
+        asked = [shape for shape in SHAPES if shape in question]
+        named = [shape for shape in SHAPES if shape in counterfactual]
+        present = {item.shape for item in sample.objects if not item.evidence}
+        assert len(named) == len(asked) and set(named) <= present and not set(named) & set(asked)
+        # Same template: only the shape words differ.
+        for shape in SHAPES:
+            question, counterfactual = question.replace(shape, "X"), counterfactual.replace(shape, "X")
+        assert question == counterfactual
+        # Evidence columns: the boxes are the evidence objects' cells, in fractions of the frame.
+        boxes = [[item.second, item.left / 32, item.top / 32, (item.left + 8) / 32, (item.top + 8) / 32]
+                 for item in sample.objects if item.evidence]
+        assert sample.evidence_boxes == boxes
+        assert sample.evidence_seconds == sorted({box[0] for box in boxes})
 
 
 def test_shapes_are_distinct_masks():
@@ -238,7 +261,8 @@ def test_manifest_loads_with_datasets(tmp_path):
     manifest = write_synthetic_dataset(tmp_path / "data", range(100, 106))
     rows = datasets.load_dataset("json", data_files=manifest, split="train", cache_dir=str(tmp_path / "cache"))
     assert len(rows) == 6
-    assert set(rows.column_names) == {"video", "question", "answer", "type", "evidence_frames", "fps", "seed"}
+    assert set(rows.column_names) == {"video", "question", "answer", "type", "evidence_frames", "evidence_seconds",
+                                      "evidence_boxes", "counterfactual_question", "fps", "seed"}
     for row in rows:
         sample = generate_sample(row["seed"])
         assert row == sample.manifest_row(row["video"])
@@ -285,7 +309,8 @@ def test_tokenizer_covers_the_task_vocabulary(samples):
         (dict(seed=0, frame_size=36), "frame_size must be a multiple of 8 and >= 32"),
         (dict(seed=0, fps=3), "fps must be a positive even integer"),
         (dict(seed=0, noise=-1.0), "noise must be a standard deviation"),
-        (dict(seed=0, max_objects=4), "max_objects must be 1, 2 or 3"),
+        (dict(seed=0, max_objects=9), r"max_objects must be an integer in \[1, 8\]"),
+        (dict(seed=0, min_objects=5), r"min_objects must be an integer in \[1, max_objects=4\]"),
         (dict(seed=0, distractors="red"), "distractors must be one of grey, coloured"),
     ],
 )

@@ -455,7 +455,7 @@ def answer_token_ids(tokenizer, max_seconds: int = 64) -> dict[str, int]:
 
 
 __all__ = [
-    "CELL", "COLOURS", "DEFAULT_FPS", "DISTRACTOR_MODES", "GREY", "SHAPES", "TASKS", "SceneObject", "SyntheticSample", "generate_sample",
+    "CELL", "COLOURS", "DEFAULT_FPS", "DISTRACTOR_MODES", "GREY", "MAX_OBJECTS", "MIN_OBJECTS", "SHAPES", "TASKS", "SceneObject", "SyntheticSample", "generate_sample",
     "answer_token_ids", "iter_samples", "nearest_colour", "shape_mask",
     "synthetic_tokenizer", "task_texts", "task_vocabulary", "write_mp4", "write_synthetic_dataset",
 ]
