@@ -274,9 +274,11 @@ def load_video_qa(data: Any, video_root: str | None = None, split: str = "train"
     return result
 
 
-def chat_messages(question: str, answer: str | None = None) -> list[dict]:
-    """A user turn holding the video and the question, and the assistant's answer when there is one."""
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+def chat_messages(question: str, answer: str | None = None, question_first: bool = False) -> list[dict]:
+    """A user turn holding the video and the question (after the video, or before it with `question_first`), and
+    the assistant's answer when there is one."""
+    content = [{"type": "video"}, {"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content[::-1] if question_first else content}]
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return messages
@@ -318,14 +320,18 @@ class VideoQACollator:
 
     `qtsplus_query_mask` covers the user's text (question and options), never the answer. `keep_ratio`, when
     given, goes into every batch as `qtsplus_keep_ratio` (a fixed share of tokens instead of the predicted budget).
+    Rows with `evidence_seconds` / `evidence_boxes` add `qtsplus_evidence_mask` (training batches only).
+    `question_first` puts the question before the video in the user turn.
     """
 
     def __init__(self, processor, fps: float | None = None, min_frames: int | None = None,
-                 max_frames: int | None = None, with_answers: bool = True, keep_ratio: float | None = None) -> None:
+                 max_frames: int | None = None, with_answers: bool = True, keep_ratio: float | None = None,
+                 question_first: bool = False) -> None:
         self.processor = processor
         self.fps, self.min_frames, self.max_frames = fps, min_frames, max_frames
         self.with_answers = with_answers
         self.keep_ratio = keep_ratio
+        self.question_first = question_first
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         texts, videos, metadata = [], [], []
@@ -334,7 +340,7 @@ class VideoQACollator:
                 self.processor, row["video"], row.get("fps") or self.fps, self.min_frames, self.max_frames
             )
             answer = row["answer"] if self.with_answers else None
-            messages = chat_messages(question_text(row), answer)
+            messages = chat_messages(question_text(row), answer, self.question_first)
             texts.append(self.processor.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=not self.with_answers
             ))
