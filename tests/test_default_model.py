@@ -88,6 +88,46 @@ def test_bundled_checkpoint_loads_offline_without_the_package_and_answers_held_o
         assert 0 < kept <= 0.15 * total  # the predicted budget of this model: rho in [0.05, 0.15]
 
 
+# Held-out needle videos for the query-awareness checks, taken as they come (seed % 4 == 0 is the needle task).
+QUERY_SEEDS = tuple(HELD_OUT_SEED_START + 4 * index for index in range(8))
+
+
+def test_bundled_selector_reads_the_question():
+    """On fixed held-out needles, the asked object is kept and top-scored under its own question, and not under the
+    counterfactual question (a distractor shape of the same video). A selector that keeps "whatever is colourful"
+    (every object is coloured) scores the two questions alike and fails this."""
+    model, processor = load_model_and_processor(default_model_path())
+    rows = [normalize_row(synthetic_row(seed, task="needle")) for seed in QUERY_SEEDS]
+    metrics = evaluate_video_qa(model, processor, rows, max_new_tokens=2).metrics
+    assert metrics["evidence/count"] == metrics["evidence_counterfactual/count"] == len(QUERY_SEEDS)
+    assert metrics["evidence/token_recall"] - metrics["evidence_counterfactual/token_recall"] >= 0.5
+    assert metrics["evidence/top_scored"] >= 0.75 and metrics["evidence_counterfactual/top_scored"] <= 0.125
+
+
+def _bundled_scores(model, processor, sample, question: str, system: str | None) -> torch.Tensor:
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    from transformers.video_utils import VideoMetadata
+
+    metadata = VideoMetadata(total_num_frames=len(sample.frames), fps=sample.fps, frames_indices=list(
+        range(len(sample.frames))))
+    batch = processor(text=[text], videos=[sample.frames], video_metadata=[metadata], do_sample_frames=False,
+                      return_tensors="pt")
+    return model.select(**batch).scores[0]
+
+
+def test_bundled_scores_follow_the_question_not_the_system_prompt():
+    model, processor = load_model_and_processor(default_model_path())
+    sample = generate_sample(QUERY_SEEDS[0], "needle", **synthetic_options())
+    own = _bundled_scores(model, processor, sample, sample.question, None)
+    other_system = _bundled_scores(model, processor, sample, sample.question, "Answer briefly.")
+    other_question = _bundled_scores(model, processor, sample, sample.counterfactual_question, None)
+    torch.testing.assert_close(own, other_system)  # the processor's question mask leaves the system prompt out
+    assert float(torch.corrcoef(torch.stack([own, other_question]))[0, 1]) < 0.9
+
+
 def test_eval_synthetic_scores_generated_held_out_videos(tmp_path, capsys):
     path = tmp_path / "eval.json"
     assert main(["eval", "--synthetic", "8", "--json", str(path)]) == 0

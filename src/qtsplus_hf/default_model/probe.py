@@ -66,12 +66,19 @@ def run_probe(args: argparse.Namespace, log=print) -> list[dict]:
                  "qtsplus_relevance_embedding": not args.no_relevance_embedding,
                  "qtsplus_lambda_grounding": args.grounding_weight, "qtsplus_lambda_distill": args.distill_weight,
                  "qtsplus_explore_ratio": args.explore_ratio}
-    with tempfile.TemporaryDirectory() as folder:
-        build_initial_checkpoint(folder, args.seed, **overrides)
-        model, processor = load_model_and_processor(folder)
+    if args.init:  # continue from a saved probe (`--save`): its architecture, these signals
+        model, processor = load_model_and_processor(args.init)
+        for name in ("qtsplus_lambda_grounding", "qtsplus_lambda_distill", "qtsplus_explore_ratio"):
+            setattr(model.config, name, overrides[name])
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            build_initial_checkpoint(folder, args.seed, **overrides)
+            model, processor = load_model_and_processor(folder)
     collator = VideoQACollator(processor, keep_ratio=args.keep_ratio, question_first=args.question_first)
     held_out = [probe_row(HELD_OUT_SEED_START + i, args.task, args.seconds, args.distractors)
                 for i in range(args.eval_count)]
+    if args.freeze_vision:
+        model.model.visual.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=0.0)
     torch.manual_seed(args.seed)
@@ -81,7 +88,12 @@ def run_probe(args: argparse.Namespace, log=print) -> list[dict]:
         for group in optimizer.param_groups:
             group["lr"] = args.learning_rate * min(1.0, step / max(1.0, 0.05 * args.steps))
         seeds = range(step * args.batch_size, (step + 1) * args.batch_size)
-        outputs = model(**collator([probe_row(seed, args.task, args.seconds, args.distractors) for seed in seeds]))
+        batch = collator([probe_row(seed, args.task, args.seconds, args.distractors) for seed in seeds])
+        if args.oracle_selection:  # keep the evidence tokens first: what the LM learns from a perfect selector
+            video = batch["input_ids"] == model.config.video_token_id
+            batch["qtsplus_selection_scores"] = [mask[row].float() for mask, row in
+                                                 zip(batch["qtsplus_evidence_mask"], video)]
+        outputs = model(**batch)
         outputs.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -117,10 +129,14 @@ def main(argv=None) -> int:
     parser.add_argument("--score-aggregation", choices=("max", "weighted"), default="weighted")
     parser.add_argument("--no-relevance-embedding", action="store_true")
     parser.add_argument("--question-first", action="store_true", help="the question before the video")
+    parser.add_argument("--freeze-vision", action="store_true", help="keep the vision encoder at its initialisation")
+    parser.add_argument("--oracle-selection", action="store_true",
+                        help="train with the evidence tokens ranked first (the LM's task under a perfect selector)")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-count", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", default=None, help="write the trained model here")
+    parser.add_argument("--init", default=None, help="start from this saved probe instead of a fresh model")
     parser.add_argument("--tag", default="probe")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

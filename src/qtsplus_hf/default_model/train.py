@@ -43,26 +43,33 @@ class Stage:
     learning_rate: float
     tasks: tuple[str, ...] = TASKS
     batch_size: int = 16
+    distractors: str = "coloured"  # `generate_sample`'s option: "grey" only for the LM's warm-up
     # The selector's training signals (`TrainOptions` / `qtsplus train` options of the same names).
     grounding_weight: float = 0.0
     distill_weight: float = 0.0
     explore_ratio: float = 0.0
 
 
-# Distractors are coloured (`generate_sample`'s default): only the asked shape tells the evidence apart. Measured on 2
-# cores (docs/design-notes.md): with the grounding loss and the weighted question aggregation the selector ranks the
-# asked object first on 100% of held-out 2-second needles within 200 steps, where the released form (max over
-# question tokens) reached 60-90% with half as many counterfactual misses; the LM, which must still find the evidence
-# among the kept coloured tokens, learns from the relevance embedding in ~400-600 steps. So: needle first on 2-second
-# videos, then every task on 8-second videos, then 32-second videos (smaller batches: a step of 16 such videos takes
-# ~2 s), then the predicted budget, with the grounding loss throughout. Selection is on throughout: the LM only ever
-# sees what the selector keeps.
+# Measured on 2 cores with `python -m qtsplus_hf.default_model.probe` (docs/design-notes.md). With coloured
+# distractors a from-scratch LM stayed at chance for 200-600 steps even when it was shown only the evidence token (an
+# oracle selection, one kept token); with grey distractors it answered 100% within 200 steps. Warmed up that way on
+# grey videos, it then kept answering coloured needles (94% held-out after 300 more steps at one kept token) while
+# the grounding loss taught the selector which shape the question names (asked object top-scored 100%, under the
+# counterfactual question 0%). The weighted question aggregation learns that binding within 100-200 steps where the
+# released form (max over question tokens) stayed at 60-90% top-scored. So: the needle task on 2-second grey videos
+# at one kept token, then coloured ones, then more kept tokens (the LM must use the relevance embedding to tell the
+# evidence from kept distractors), then every task on 8-second and 32-second videos, then the predicted budget.
+# Selection is on throughout: the LM only ever sees what the selector keeps.
 GROUNDING_WEIGHT = 0.5
+ONE_TOKEN = 0.03  # ceil(0.03 * 32) = 1 of a 2-second video's 32 tokens
 STAGES = (
-    Stage("needle-2s-0.25", 2, 0.25, 800, 1e-3, ("needle",), grounding_weight=GROUNDING_WEIGHT),
-    Stage("all-tasks-8s-0.25", 8, 0.25, 3000, 1e-3, grounding_weight=GROUNDING_WEIGHT),
-    Stage("all-tasks-32s-0.1", VIDEO_SECONDS, 0.1, 600, 3e-4, batch_size=8, grounding_weight=GROUNDING_WEIGHT),
-    Stage("predicted-budget-32s", VIDEO_SECONDS, None, 200, 2e-4, batch_size=8, grounding_weight=GROUNDING_WEIGHT),
+    Stage("needle-2s-grey-1-token", 2, ONE_TOKEN, 200, 1e-3, ("needle",), distractors="grey",
+          grounding_weight=GROUNDING_WEIGHT),
+    Stage("needle-2s-1-token", 2, ONE_TOKEN, 400, 1e-3, ("needle",), grounding_weight=GROUNDING_WEIGHT),
+    Stage("needle-2s-0.1", 2, 0.1, 400, 1e-3, ("needle",), grounding_weight=GROUNDING_WEIGHT),
+    Stage("all-tasks-8s-0.05", 8, 0.05, 1500, 1e-3, grounding_weight=GROUNDING_WEIGHT),
+    Stage("all-tasks-32s-0.05", VIDEO_SECONDS, 0.05, 300, 3e-4, batch_size=8, grounding_weight=GROUNDING_WEIGHT),
+    Stage("predicted-budget-32s", VIDEO_SECONDS, None, 150, 2e-4, batch_size=8, grounding_weight=GROUNDING_WEIGHT),
 )
 # Tokens per video at 32 px and 2 fps: (32 / 8)^2 = 16 per second, 512 for 32 s.
 MODEL_SETTINGS = dict(
@@ -84,7 +91,7 @@ def tiny_model_config(num_reencode_layers: int = 1, **overrides):
     config = tiny_qtsplus_config(
         vision_config=dict(
             depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128, patch_size=4,
-            temporal_patch_size=2, spatial_merge_size=2, window_size=32, fullatt_block_indexes=[1],
+            temporal_patch_size=2, spatial_merge_size=2, window_size=8, fullatt_block_indexes=[],
             tokens_per_second=2,
         ),
         text_config=dict(
@@ -109,10 +116,11 @@ def build_initial_checkpoint(directory: str, seed: int, num_reencode_layers: int
     save_checkpoint(model, processor, directory)
 
 
-def synthetic_row(seed: int, seconds: int = VIDEO_SECONDS, task: str | None = None) -> dict:
+def synthetic_row(seed: int, seconds: int = VIDEO_SECONDS, task: str | None = None,
+                  distractors: str = "coloured") -> dict:
     """A raw row with frames in memory for `seed` (task `TASKS[seed % 4]` unless given), with its evidence columns
     (`evidence_seconds`, `evidence_boxes`, `counterfactual_question`)."""
-    sample = generate_sample(seed, task, seconds=seconds, frame_size=FRAME_SIZE)
+    sample = generate_sample(seed, task, seconds=seconds, frame_size=FRAME_SIZE, distractors=distractors)
     return {"video": sample.frames, "fps": sample.fps, "question": sample.question, "answer": sample.answer,
             "type": sample.task, "seed": sample.seed, **sample.evidence_columns()}
 
@@ -120,17 +128,19 @@ def synthetic_row(seed: int, seconds: int = VIDEO_SECONDS, task: str | None = No
 class SyntheticVideoQA(torch.utils.data.Dataset):
     """Rows generated on demand from seeds `first_seed .. first_seed + length - 1`, cycling through `tasks`."""
 
-    def __init__(self, first_seed: int, length: int, seconds: int, tasks: tuple[str, ...] = TASKS) -> None:
+    def __init__(self, first_seed: int, length: int, seconds: int, tasks: tuple[str, ...] = TASKS,
+                 distractors: str = "coloured") -> None:
         if first_seed + length > HELD_OUT_SEED_START:
             raise ValueError("training seeds would reach into the held-out range")
         self.first_seed, self.length, self.seconds, self.tasks = first_seed, length, seconds, tasks
+        self.distractors = distractors
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
         seed = self.first_seed + index
-        return synthetic_row(seed, self.seconds, self.tasks[seed % len(self.tasks)])
+        return synthetic_row(seed, self.seconds, self.tasks[seed % len(self.tasks)], self.distractors)
 
 
 def held_out_rows(count: int, seconds: int = VIDEO_SECONDS, start: int = HELD_OUT_SEED_START,
@@ -179,7 +189,7 @@ def train_default_model(
         for index, stage in enumerate(stages):
             steps = max(1, round(stage.steps * steps_scale))
             folder = os.path.join(work, f"stage{index}")
-            rows = SyntheticVideoQA(next_seed, steps * stage.batch_size, stage.seconds, stage.tasks)
+            rows = SyntheticVideoQA(next_seed, steps * stage.batch_size, stage.seconds, stage.tasks, stage.distractors)
             next_seed += len(rows)  # every training video is new
             options = TrainOptions(
                 model=previous, data="", output=folder, mode="full", max_steps=steps, batch_size=stage.batch_size,
