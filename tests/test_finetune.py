@@ -367,3 +367,91 @@ def test_labels_cover_only_the_answer_and_the_query_mask_only_the_question(qa_fo
         question_and_options = question_text(row).removesuffix(MULTIPLE_CHOICE_INSTRUCTION)
         assert tokenizer.decode(ids[batch["qtsplus_query_mask"][index]]) == question_and_options
     assert batch["attention_mask"][:, 0].all()  # right padding for training
+
+
+@pytest.fixture(scope="module")
+def evidence_folder(tmp_path_factory):
+    """Four mp4s and free-form rows with evidence columns (seconds, a box, CSV-style JSON text for one)."""
+    folder = tmp_path_factory.mktemp("evidence")
+    rows = []
+    for index in range(4):
+        write_mp4(folder / f"clip{index}.mp4", num_frames=8, fps=2, seed=index)
+        rows.append({"video": f"clip{index}.mp4", "question": "What colour is the circle?", "answer": "red",
+                     "evidence_seconds": [index % 4], "evidence_boxes": [[index % 4, 0.0, 0.0, 0.5, 0.5]],
+                     "counterfactual_question": "What colour is the square?"})
+    rows[3]["evidence_seconds"] = json.dumps(rows[3]["evidence_seconds"])
+    with open(folder / "train.jsonl", "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return folder
+
+
+def test_collator_marks_the_evidence_tokens_of_each_row(evidence_folder, tiny_checkpoint):
+    _, processor = load_model_and_processor(tiny_checkpoint)
+    rows = load_video_qa(str(evidence_folder / "train.jsonl"), str(evidence_folder)).rows
+    batch = VideoQACollator(processor)(rows[:2])
+    mask = batch["qtsplus_evidence_mask"]
+    assert mask.shape == batch["input_ids"].shape and not bool((mask & (batch["input_ids"] != VIDEO_ID)).any())
+    for row, (grid_t, grid_h, grid_w) in enumerate(batch["video_grid_thw"].tolist()):
+        per_patch = (grid_h // 2) * (grid_w // 2)
+        interval = float(batch["second_per_grid_ts"][row])
+        marked = mask[row][batch["input_ids"][row] == VIDEO_ID].view(grid_t, per_patch)
+        patch = int(rows[row]["evidence_seconds"][0] // interval)
+        assert marked.sum(-1).nonzero().flatten().tolist() == [patch]  # only the evidence second's patch
+        rows_, cols = grid_h // 2, grid_w // 2  # the box covers the top-left quarter of the frame
+        expected = torch.zeros(rows_, cols, dtype=torch.bool)
+        expected[: -(-rows_ // 2), : -(-cols // 2)] = True
+        assert torch.equal(marked[patch].view(rows_, cols), expected)
+    assert "qtsplus_evidence_mask" not in VideoQACollator(processor, with_answers=False)(rows[:2])
+
+
+def test_cli_train_lora_with_every_selector_signal(evidence_folder, tiny_checkpoint, tmp_path):
+    """Grounding, distillation and the exploring gate through `qtsplus train` in LoRA mode: each term is logged,
+    the selector (saved in full through modules_to_save) changes, and a second run without the signals differs."""
+    def run(output, *signals):
+        out = tmp_path / output
+        argv = ["train", "--model", tiny_checkpoint, "--data", str(evidence_folder / "train.jsonl"), "--video-root",
+                str(evidence_folder), "--mode", "lora", "--output", str(out), "--max-steps", "4", "--batch-size", "2",
+                "--learning-rate", "1e-2", "--logging-steps", "1", "--keep-ratio", "0.5", *signals]
+        assert main(argv) == 0
+        return out
+
+    with_signals = run("with", "--grounding-weight", "1", "--distill-weight", "1", "--explore-ratio", "0.3")
+    from safetensors.torch import load_file
+
+    def selector(folder):
+        weights = load_file(str(folder / "adapter_model.safetensors"))
+        return {name: tensor for name, tensor in weights.items() if "qtsplus" in name and "scoring_layers" in name}
+
+    trained = selector(with_signals)
+    assert trained
+    without = selector(run("without"))
+    assert any(not torch.equal(trained[name], without[name]) for name in trained)
+    config = json.loads((with_signals / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["qtsplus"]
+
+
+def test_trainer_logs_the_selector_signals(evidence_folder, tiny_checkpoint, tmp_path):
+    options = TrainOptions(model=tiny_checkpoint, data=str(evidence_folder / "train.jsonl"),
+                           video_root=str(evidence_folder), output=str(tmp_path / "out"), mode="full", max_steps=4,
+                           batch_size=2, learning_rate=1e-3, logging_steps=2, keep_ratio=0.5, grounding_weight=0.5,
+                           distill_weight=0.25, explore_ratio=0.2)
+    result = train(options)
+    logs = [entry for entry in result.log_history if "loss" in entry]
+    assert logs and all("grounding_loss" in entry and "distill_loss" in entry for entry in logs)
+    assert all(entry["grounding_loss"] > 0 and entry["distill_loss"] >= 0 for entry in logs)
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (saved["qtsplus_lambda_grounding"], saved["qtsplus_lambda_distill"], saved["qtsplus_explore_ratio"]) == (
+        0.5, 0.25, 0.2)
+    with pytest.raises(ValueError, match="explore_ratio"):
+        TrainOptions(model="m", data="d", output="o", explore_ratio=1.0)
+
+
+def test_bad_evidence_columns_skip_the_row_with_a_reason(tmp_path):
+    write_mp4(tmp_path / "a.mp4", num_frames=4, fps=2)
+    rows = [{"video": "a.mp4", "question": "q?", "answer": "x", "evidence_seconds": "not json"},
+            {"video": "a.mp4", "question": "q?", "answer": "x", "evidence_boxes": [[0, 0.1]]},
+            {"video": "a.mp4", "question": "q?", "answer": "x", "evidence_seconds": [1]}]
+    data = load_video_qa(rows, str(tmp_path))
+    assert len(data.rows) == 1 and [s.reason for s in data.skipped] == [
+        "evidence_seconds is not a list (nor JSON text of one): 'not json'",
+        "each evidence box must be [second, x0, y0, x1, y1], got [0, 0.1]"]
