@@ -4,8 +4,9 @@
 Each video shows one scene per second (`fps` identical frames apart from light noise, so a scene fills whole
 temporal patches of the Qwen2.5-VL vision encoder: at the default 2 fps one temporal patch is one second). Every
 scene holds a few shapes on a plain dark background, each filling one cell of an 8-pixel grid. The question names
-shapes that only the evidence scenes contain; distractor shapes (grey by default, so the evidence is the only
-colour) fill every other second, so sampling a few seconds uniformly usually misses the evidence. Four tasks, each answered with one word or number:
+shapes that only the evidence scenes contain; distractor shapes (coloured like the evidence by default, so only the
+asked shape tells the evidence apart; grey on request) fill every second, so sampling a few seconds uniformly
+usually misses the evidence. Four tasks, each answered with one word or number:
 
 - `needle`: one shape appears in one second; "What colour is the circle?" -> "red"
 - `order`: two shapes appear once each; "Which appears first, the cross or the square?" -> "square"
@@ -46,7 +47,7 @@ COLOURS = {
     "purple": (170, 60, 210),
     "cyan": (40, 205, 215),
 }
-# Distractors are grey by default (`distractors="grey"`): only the evidence is coloured (see `generate_sample`).
+# `distractors="grey"` (a diagnostic) draws every distractor grey: only the evidence is coloured (see `generate_sample`).
 GREY = "grey"
 GREY_RGB = (150, 150, 150)
 DISTRACTOR_MODES = ("grey", "coloured")
