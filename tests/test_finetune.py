@@ -455,3 +455,16 @@ def test_bad_evidence_columns_skip_the_row_with_a_reason(tmp_path):
     assert len(data.rows) == 1 and [s.reason for s in data.skipped] == [
         "evidence_seconds is not a list (nor JSON text of one): 'not json'",
         "each evidence box must be [second, x0, y0, x1, y1], got [0, 0.1]"]
+
+
+def test_question_first_puts_the_question_before_the_video(evidence_folder, tiny_checkpoint):
+    _, processor = load_model_and_processor(tiny_checkpoint)
+    rows = load_video_qa(str(evidence_folder / "train.jsonl"), str(evidence_folder)).rows[:1]
+    after = VideoQACollator(processor, with_answers=False)(rows)
+    before = VideoQACollator(processor, with_answers=False, question_first=True)(rows)
+    for batch, question_first in ((after, False), (before, True)):
+        ids = batch["input_ids"][0]
+        first_video = int((ids == VIDEO_ID).nonzero()[0])
+        question = batch["qtsplus_query_mask"][0].nonzero().flatten()
+        assert bool((question < first_video).all()) == question_first
+        assert processor.tokenizer.decode(ids[question]).strip() == rows[0]["question"]
