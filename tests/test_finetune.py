@@ -438,7 +438,7 @@ def test_trainer_logs_the_selector_signals(evidence_folder, tiny_checkpoint, tmp
     result = train(options)
     logs = [entry for entry in result.log_history if "loss" in entry]
     assert logs and all("grounding_loss" in entry and "distill_loss" in entry for entry in logs)
-    assert all(entry["grounding_loss"] > 0 and entry["distill_loss"] >= 0 for entry in logs)
+    assert all(entry["grounding_loss"] > 0 for entry in logs)
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (saved["qtsplus_lambda_grounding"], saved["qtsplus_lambda_distill"], saved["qtsplus_explore_ratio"]) == (
         0.5, 0.25, 0.2)
