@@ -72,11 +72,12 @@ def write_mp4(path, num_frames: int, fps: float, width: int = 64, height: int = 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """A tiny random QTSplus model and processor saved with `save_checkpoint` (model, processor, pipeline code)."""
-    from qtsplus_hf import save_checkpoint
+    """A tiny random QTSplus model and processor saved the way a transformers user saves them: the model's and the
+    processor's `save_pretrained` into one folder (which must then serve the Auto classes and the pipeline)."""
     from qtsplus_hf.tiny import tiny_processor
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("checkpoint")
-    save_checkpoint(QTSplusQwen2_5_VLForConditionalGeneration(tiny_qtsplus_config()).eval(), tiny_processor(), folder)
+    QTSplusQwen2_5_VLForConditionalGeneration(tiny_qtsplus_config()).eval().save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
     return str(folder)

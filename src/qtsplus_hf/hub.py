@@ -8,11 +8,9 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 
-from transformers.dynamic_module_utils import custom_object_save
+from .pipeline_video_text_to_text import PIPELINE_TASK
 
-from .pipeline_video_text_to_text import QTSplusVideoTextToTextPipeline
 
-PIPELINE_TASK = "video-text-to-text"
 # Beyond huggingface_hub's own defaults (.git, .cache/huggingface): byte code a local import may have left behind.
 PUSH_IGNORE_PATTERNS = ["__pycache__", "__pycache__/*", "*/__pycache__/*", "*.pyc"]
 REQUIRED_AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForImageTextToText")
@@ -20,24 +18,13 @@ REQUIRED_CARD_FIELDS = ("library_name", "pipeline_tag", "base_model", "license",
 
 
 def save_checkpoint(model, processor, directory: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
-    """Save model, processor and the pipeline code into `directory`.
+    """`model.save_pretrained(directory)` and `processor.save_pretrained(directory)`, in one call.
 
     The folder then serves `AutoModel` / `AutoModelForCausalLM` / `AutoModelForImageTextToText`, `AutoProcessor`
-    and `pipeline("video-text-to-text")`, each with `trust_remote_code=True`, without `qtsplus_hf` installed.
-    `max_shard_size` (e.g. `"5GB"`) passes to `save_pretrained`: larger weights are split into shards plus an index.
+    and `pipeline("video-text-to-text")`, each with `trust_remote_code=True`, without `qtsplus_hf` installed (the
+    model's `save_pretrained` writes the pipeline's code and entry). `max_shard_size` (e.g. `"5GB"`) passes to
+    `save_pretrained`: larger weights are split into shards plus an index.
     """
-    os.makedirs(directory, exist_ok=True)
-    pipeline_class = QTSplusVideoTextToTextPipeline
-    # What transformers' Pipeline.save_pretrained records for a registered custom pipeline; that method saves the
-    # tokenizer and image processor but not a multimodal processor, hence this helper.
-    model.config.custom_pipelines = {
-        PIPELINE_TASK: {
-            "impl": f"{pipeline_class.__module__.split('.')[-1]}.{pipeline_class.__name__}",
-            "pt": ("AutoModel",),
-            "type": "multimodal",
-        }
-    }
-    custom_object_save(pipeline_class, directory)
     save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(directory, **save_kwargs)
     processor.save_pretrained(directory)

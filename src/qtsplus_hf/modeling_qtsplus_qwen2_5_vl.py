@@ -12,7 +12,8 @@ The file reads in the order of the method:
    positions, or plain sequential positions for the released checkpoints) -> the unchanged Qwen2.5-VL language model
    on the shorter sequence.
 
-Remote-code file: it imports only `torch`, `transformers` and its sibling `configuration_qtsplus`.
+Remote-code file: it imports only `torch`, `transformers` and its siblings `configuration_qtsplus` and
+`pipeline_video_text_to_text` (which `save_pretrained` writes beside it).
 """
 
 import copy
@@ -25,9 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration, initialization
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput, logging
 
 from .configuration_qtsplus import QTSplusConfig
+from .pipeline_video_text_to_text import PIPELINE_TASK, QTSplusVideoTextToTextPipeline
 
 try:  # transformers >= 5.20 shares one multimodal output class across models
     from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast as _StockCausalLMOutput
@@ -1330,12 +1333,31 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         return model.train() if stock.training else model.eval()
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained`, with `auto_map` for every Auto class this model serves."""
+        """`PreTrainedModel.save_pretrained` (and so `push_to_hub`), with `auto_map` for every Auto class this model
+        serves and the `video-text-to-text` pipeline: its file (with the video loader it imports) beside the model's
+        and its `custom_pipelines` entry in config.json, so the folder serves `pipeline(..., trust_remote_code=True)`.
+        """
         if self._auto_class is not None:
             reference = f"{self.__class__.__module__.split('.')[-1]}.{self.__class__.__name__}"
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}),
                                     **{name: reference for name in self._auto_class_names}}
+            self._save_pipeline_code(save_directory, kwargs.get("is_main_process", True))
         super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _save_pipeline_code(self, save_directory, is_main_process: bool) -> None:
+        # What `Pipeline.save_pretrained` records for a registered custom pipeline; that method saves a tokenizer and
+        # an image processor but not a multimodal processor, so the model writes the entry itself.
+        pipeline_class = QTSplusVideoTextToTextPipeline
+        self.config.custom_pipelines = {
+            PIPELINE_TASK: {
+                "impl": f"{pipeline_class.__module__.split('.')[-1]}.{pipeline_class.__name__}",
+                "pt": ("AutoModel",),
+                "type": "multimodal",
+            }
+        }
+        if is_main_process:
+            os.makedirs(save_directory, exist_ok=True)
+            custom_object_save(pipeline_class, save_directory)
 
 
 __all__ = [

@@ -14,6 +14,9 @@ from transformers import Pipeline
 from .video_qtsplus import load_video_for_processor, video_duration
 
 
+PIPELINE_TASK = "video-text-to-text"
+
+
 def video_question_inputs(
     processor, video: Any, question: str | None = None, messages: list[dict] | None = None,
     fps: float | None = None, min_frames: int | None = None, max_frames: int | None = None,
@@ -106,4 +109,4 @@ class QTSplusVideoTextToTextPipeline(Pipeline):
         return results[0] if len(results) == 1 else results  # several with num_return_sequences > 1
 
 
-__all__ = ["QTSplusVideoTextToTextPipeline", "video_question_inputs"]
+__all__ = ["PIPELINE_TASK", "QTSplusVideoTextToTextPipeline", "video_question_inputs"]
