@@ -20,10 +20,13 @@ def count_parameters(model) -> tuple[int, int]:
     return base, qtsplus
 
 
-def render_model_card(model, base_model: str, repo_id: str | None = None, license: str = "apache-2.0") -> str:
-    """README.md text: YAML front matter (library, pipeline tag, base model, license, tags) and the Markdown body."""
-    if not isinstance(base_model, str) or not base_model.strip():
-        raise ValueError("the model card needs base_model, the Hub id of the checkpoint this model was built from")
+def render_model_card(
+    model, base_model: str | None, repo_id: str | None = None, license: str = "apache-2.0"
+) -> str:
+    """README.md text: YAML front matter (library, pipeline tag, base model when known, license, tags) and the
+    Markdown body. `base_model`: the Hub id of the checkpoint this model was built from, or None (unknown)."""
+    if base_model is not None and (not isinstance(base_model, str) or not base_model.strip()):
+        raise ValueError("base_model must be None or the Hub id of the checkpoint this model was built from")
     base_parameters, qtsplus_parameters = count_parameters(model)
     card_data = ModelCardData(
         library_name="transformers",
@@ -32,10 +35,11 @@ def render_model_card(model, base_model: str, repo_id: str | None = None, licens
         license=license,
         tags=list(CARD_TAGS),
     )
+    default_name = f"QTSplus {base_model.split('/')[-1]}" if base_model else "QTSplus Qwen2.5-VL"
     card = ModelCard.from_template(
         card_data,
         template_path=TEMPLATE_PATH,
-        model_name=repo_id.split("/")[-1] if repo_id else f"QTSplus {base_model.split('/')[-1]}",
+        model_name=repo_id.split("/")[-1] if repo_id else default_name,
         repo_id=repo_id or "path/to/this/folder",
         base_model=base_model,
         config=model.config,

@@ -119,8 +119,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(released_checkpoint, tmp_path,
         (["convert", "--from", "official", str(tmp_path / "nowhere"), "--out", str(tmp_path / "a")], "not found"),
         (["convert", "--from", "official", str(folder), "--out", str(tmp_path / "b"), "--scoring-layers", "3",
           "--base-model", "AlpachinoNLP/QTSplus-3B"], "--scoring-layers"),
-        (["convert", "--from", "official", str(folder), "--out", str(tmp_path / "c"), "--base-config", str(base)],
-         "base model"),  # the released config does not name its Hub repository: --base-model is needed
+        (["convert", "--from", "official", str(folder), "--out", str(tmp_path / "c"), "--base-config", str(base),
+          "--base-model", str(tmp_path)], "not a Hub model id"),
     ]
     for argv, message in cases:
         assert main(argv) == 2

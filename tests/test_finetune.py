@@ -280,6 +280,42 @@ def test_cli_eval_writes_a_table_and_json(qa_folder, tiny_checkpoint, tmp_path, 
     assert report["metrics"]["accuracy"] == hand
 
 
+def test_cli_eval_progress_bar_goes_to_stderr_and_no_progress_removes_it(qa_folder, tiny_checkpoint, tmp_path,
+                                                                         capsys):
+    from transformers.utils import logging as transformers_logging
+
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--model", tiny_checkpoint, "--data", str(qa_folder / "train.jsonl"), "--video-root",
+            str(qa_folder), "--limit", "2", "--json", str(out)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "eval: 100%" in captured.err and "2/2" in captured.err  # transformers' tqdm, one step per question
+    assert "%|" not in captured.out and "\r" not in captured.out  # stdout: the table only
+    assert captured.out.splitlines()[0].split() == ["metric", "value"]
+    assert json.loads(out.read_text())["metrics"]["count"] == 2
+    fresh = tmp_path / "fresh.jsonl"  # a file datasets has not cached: reading it would show datasets' own bar
+    fresh.write_text((qa_folder / "train.jsonl").read_text())
+    argv[argv.index("--data") + 1] = str(fresh)
+    assert main(argv + ["--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "accuracy" in captured.out  # no bar: ours, weight loading's, datasets'
+    assert transformers_logging.is_progress_bar_enabled()  # main() leaves the switch as it found it
+
+
+def test_trainer_progress_bar_follows_the_transformers_switch(qa_folder, tiny_checkpoint, tmp_path):
+    from transformers.utils import logging as transformers_logging
+
+    from qtsplus_hf.training import training_arguments
+
+    options = options_for(qa_folder, tiny_checkpoint, tmp_path)
+    assert not training_arguments(options, str(tmp_path / "on")).disable_tqdm
+    transformers_logging.disable_progress_bar()  # what `qtsplus train --no-progress` does
+    try:
+        assert training_arguments(options, str(tmp_path / "off")).disable_tqdm is True
+    finally:
+        transformers_logging.enable_progress_bar()
+
+
 def test_bad_rows_are_reported_and_skipped(qa_folder, tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "broken.mp4").write_bytes(b"not a video at all" * 100)
     good = {"video": "clip0.mp4", "question": "What colour is the circle?", "options": OPTIONS, "answer": "A"}

@@ -156,11 +156,6 @@ BREAKAGES = {
     "missing weight shard": (lambda f: remove_file(f, "model-00002-of-00005.safetensors"),
                              "model-00002-of-00005.safetensors"),
     "truncated weights": (lambda f: (f / "model-00001-of-00005.safetensors").write_bytes(b"\x08"), "not readable"),
-    "card without base_model": (
-        lambda f: (f / "README.md").write_text(
-            (f / "README.md").read_text().replace(f"base_model: {BASE_MODEL}\n", "")),
-        "base_model",
-    ),
 }
 
 
@@ -182,9 +177,6 @@ def test_export_refuses_a_non_empty_folder_and_leaves_nothing_on_failure(tiny_ch
     assert main(["export", "--model", tiny_checkpoint, "--out", str(tmp_path / "taken"),
                  "--base-model", BASE_MODEL]) == 2
     assert "not empty" in capsys.readouterr().err
-    # the tiny checkpoint records no base model: the export stops before reading weights or writing anything
-    assert main(["export", "--model", tiny_checkpoint, "--out", str(tmp_path / "new")]) == 2
-    assert "base model" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["taken"]
     assert main(["export", "--model", tiny_checkpoint, "--out", str(tmp_path / "new"),
                  "--base-model", str(tmp_path / "taken")]) == 2
@@ -198,6 +190,53 @@ def test_base_model_must_be_a_hub_id_but_may_share_a_local_folder_name(tmp_path,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "Qwen" / "Qwen2.5-VL-3B-Instruct").mkdir(parents=True)  # a `--local-dir` download of the same name
     assert check_base_model("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"
-    for path in (str(tmp_path / "Qwen" / "Qwen2.5-VL-3B-Instruct"), "./Qwen/Qwen2.5-VL-3B-Instruct", None):
+    assert check_base_model(None) is None  # unknown: the card will not name one
+    for path in (str(tmp_path / "Qwen" / "Qwen2.5-VL-3B-Instruct"), "./Qwen/Qwen2.5-VL-3B-Instruct"):
         with pytest.raises(ValueError, match="--base-model"):
             check_base_model(path)
+
+
+def test_a_local_stock_folder_converts_without_base_model_and_push_says_what_is_missing(
+    stock_model, tmp_path, capsys
+):
+    stock_model.save_pretrained(tmp_path / "stock")
+    tiny_processor().save_pretrained(tmp_path / "stock")
+    assert main(["convert", "--from", "qwen2_5_vl", str(tmp_path / "stock"), "--out", str(tmp_path / "hub")]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("qtsplus convert:")]
+    assert len(warnings) == 1 and "base model is unknown" in warnings[0], err
+    metadata, body = front_matter_and_body(tmp_path / "hub" / "README.md")
+    assert "base_model" not in metadata and "| base model | not recorded |" in body
+    assert main(["push", "--model", str(tmp_path / "hub"), "--repo-id", "someone/qtsplus-tiny", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "still lacks: README.md names no base_model" in out
+
+    # A Hub cache snapshot names its repository: the card links it without --base-model.
+    snapshot = tmp_path / "cache" / "models--Qwen--Qwen2.5-VL-3B-Instruct" / "snapshots" / "0123abc"
+    shutil.copytree(tmp_path / "stock", snapshot)
+    assert main(["convert", "--from", "qwen2_5_vl", str(snapshot), "--out", str(tmp_path / "hub2")]) == 0
+    assert front_matter_and_body(tmp_path / "hub2" / "README.md")[0]["base_model"] == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert main(["push", "--model", str(tmp_path / "hub2"), "--repo-id", "someone/qtsplus-tiny", "--dry-run"]) == 0
+    assert "still lacks" not in capsys.readouterr().out
+
+
+def test_convert_with_the_released_recipe_and_initialisation(stock_model, tmp_path):
+    """`--recipe released`: the released QTSplus-3B training settings (explicit options still win) and the released
+    initialisation: every scoring layer from the last decoder layer, re-encode layer i from layer i with o_proj."""
+    from qtsplus_hf.configuration_qtsplus import RECIPES
+
+    stock_model.save_pretrained(tmp_path / "stock")
+    tiny_processor().save_pretrained(tmp_path / "stock")
+    assert main(["convert", "--from", "qwen2_5_vl", str(tmp_path / "stock"), "--out", str(tmp_path / "hub"),
+                 "--recipe", "released", "--max-tokens", "24"]) == 0
+    model = QTSplusQwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "hub")
+    expected = {**RECIPES["released"], "qtsplus_max_tokens": 24}
+    assert {field: getattr(model.config, field) for field in expected} == expected
+    decoder = stock_model.model.language_model.layers
+    for layer in model.qtsplus.scoring_layers:
+        assert torch.equal(layer.q_proj.weight, decoder[-1].self_attn.q_proj.weight)
+        assert torch.equal(layer.o_proj.weight, decoder[-1].self_attn.o_proj.weight)
+    for index, layer in enumerate(model.qtsplus.reencode_layers):
+        assert torch.equal(layer.core.k_proj.weight, decoder[index].self_attn.k_proj.weight)
+        assert torch.equal(layer.core.o_proj.weight, decoder[index].self_attn.o_proj.weight)
+        assert layer.core.ffn.net[2].weight.any()

@@ -49,6 +49,42 @@ def test_apply_chat_template_tokenized_carries_the_mask_and_batches_pad_left():
     assert not inputs["qtsplus_query_mask"][inputs["attention_mask"] == 0].any()
 
 
+def chat_video_inputs(processor, system: str) -> dict:
+    messages = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": [{"type": "text", "text": "How many times?"}]},
+    ]
+    video = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor(text=[prompt], videos=[video], return_tensors="pt")
+
+
+def test_without_a_query_mask_the_model_scores_by_the_user_turns_alone():
+    """The model's own rule (no `qtsplus_query_mask`) finds what the processor marks, by token ids alone: the system
+    prompt, role markers and the assistant's turn are left out, so changing the system prompt changes nothing."""
+    from qtsplus_hf import QTSplusQwen2_5_VLForConditionalGeneration
+    from qtsplus_hf.tiny import tiny_qtsplus_config
+
+    processor = tiny_processor()
+    torch.manual_seed(0)
+    model = QTSplusQwen2_5_VLForConditionalGeneration(tiny_qtsplus_config(**processor.chat_turn_settings())).eval()
+    inputs = chat_video_inputs(processor, "You are a helpful assistant. Answer with one word.")
+    processor_mask = inputs.pop("qtsplus_query_mask")
+    assert torch.equal(model._question_mask(inputs["input_ids"], inputs["attention_mask"], None, None), processor_mask)
+
+    other_system = dict(chat_video_inputs(processor, "Describe the scene in great detail, please."))
+    other_system.pop("qtsplus_query_mask")
+    scores = [model.select(**batch).scores[0] for batch in (inputs, other_system)]
+    assert torch.equal(scores[0], scores[1])
+    # The previous rule (every attended non-vision token), what a model without the chat settings falls back to,
+    # lets the system prompt vote:
+    fallback = QTSplusQwen2_5_VLForConditionalGeneration(tiny_qtsplus_config(qtsplus_user_turn_ids=[7, 7, 7])).eval()
+    fallback.load_state_dict(model.state_dict())
+    assert not torch.equal(*[fallback.select(**batch).scores[0] for batch in (inputs, other_system)])
+
+
 def test_plain_text_without_chat_markers_is_all_question():
     processor = tiny_processor()
     inputs = processor(text=["<|vision_start|><|video_pad|><|vision_end|>" + QUESTION],
@@ -123,7 +159,9 @@ def test_unpadded_python_lists_get_a_mask_per_row():
     assert all(all(mask) for mask in inputs["qtsplus_query_mask"])
 
 
-def test_pipeline_rejects_batching_and_returns_every_sequence(tmp_path):
+def test_pipeline_batches_videos_with_the_results_of_one_at_a_time(tmp_path):
+    """Videos of different lengths and questions, batched (left padding), answer exactly as one at a time, at a
+    fixed keep ratio and at the predicted budget, and `num_return_sequences` still gives every sequence."""
     from transformers import pipeline
 
     from qtsplus_hf import QTSplusQwen2_5_VLForConditionalGeneration
@@ -132,10 +170,22 @@ def test_pipeline_rejects_batching_and_returns_every_sequence(tmp_path):
     torch.manual_seed(0)
     model = QTSplusQwen2_5_VLForConditionalGeneration(tiny_qtsplus_config()).eval()
     pipe = pipeline("video-text-to-text", model=model, processor=tiny_processor())
-    path = write_mp4(tmp_path / "v.mp4", 12, 6)
-    with pytest.raises(ValueError, match="batch_size > 1 is not supported"):
-        pipe([{"video": path, "text": QUESTION}] * 2, batch_size=2)
-    results = pipe(video=path, text=QUESTION, max_new_tokens=2, do_sample=True, num_return_sequences=3,
-                   return_dict_in_generate=True)
+    questions = [QUESTION, "Which object appears first?", "How many times does the square appear?"]
+    samples = [{"video": write_mp4(tmp_path / f"v{i}.mp4", frames, 6, seed=i), "text": question}
+               for i, (frames, question) in enumerate(zip([12, 30, 18], questions))]
+    for settings in ({"qtsplus_keep_ratio": 0.4}, {}):
+        one_at_a_time = pipe(samples, max_new_tokens=6, do_sample=False, **settings)
+        assert len({result["qtsplus"]["total"] for result in one_at_a_time}) == 3  # the videos differ in length
+        for batch_size in (2, 3):
+            batched = pipe(samples, batch_size=batch_size, max_new_tokens=6, do_sample=False, **settings)
+            assert [r["generated_text"] for r in batched] == [r["generated_text"] for r in one_at_a_time]
+            for got, expected in zip(batched, one_at_a_time):
+                rho = got["qtsplus"].pop("rho"), expected["qtsplus"].pop("rho")
+                assert got["qtsplus"] == expected["qtsplus"]  # kept count, total, ratio and the kept seconds
+                assert rho[0] == pytest.approx(rho[1], abs=1e-6)  # float rounding of a padded batch at most
+                expected["qtsplus"]["rho"] = rho[1]
+    results = pipe(samples[0], max_new_tokens=2, do_sample=True, num_return_sequences=3)
     assert isinstance(results, list) and len(results) == 3
     assert all(result["qtsplus"]["kept"] <= result["qtsplus"]["total"] for result in results)
+    batched = pipe(samples, batch_size=2, max_new_tokens=2, do_sample=True, num_return_sequences=3)
+    assert [len(result) for result in batched] == [3, 3, 3]

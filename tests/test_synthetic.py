@@ -255,10 +255,12 @@ def test_mp4_round_trip_keeps_the_evidence_colour(tmp_path, lossless):
     assert [os.listdir(tmp_path)] == [["needle.mp4"]]
 
 
-def test_manifest_loads_with_datasets(tmp_path):
+def test_manifest_loads_with_datasets(tmp_path, capsys):
     import datasets
 
     manifest = write_synthetic_dataset(tmp_path / "data", range(100, 106))
+    captured = capsys.readouterr()
+    assert "synthetic videos: 100%" in captured.err and "6/6" in captured.err and not captured.out  # a bar
     rows = datasets.load_dataset("json", data_files=manifest, split="train", cache_dir=str(tmp_path / "cache"))
     assert len(rows) == 6
     assert set(rows.column_names) == {"video", "question", "answer", "type", "evidence_frames", "evidence_seconds",
@@ -273,6 +275,19 @@ def test_manifest_loads_with_datasets(tmp_path):
     with open(manifest) as handle:
         assert [json.loads(line)["seed"] for line in handle] == list(range(100, 106))
     assert sorted(os.listdir(tmp_path / "data")) == ["manifest.jsonl", "videos"]  # no temporary files left
+
+
+def test_writing_without_progress_bars(tmp_path, capsys):
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # what `--no-progress` and HF_HUB_DISABLE_PROGRESS_BARS=1 do
+    try:
+        write_synthetic_dataset(tmp_path / "data", [100])
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+    assert capsys.readouterr().err == ""
 
 
 def test_tokenizer_covers_the_task_vocabulary(samples):

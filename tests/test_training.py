@@ -53,3 +53,26 @@ def test_loaded_model_starts_the_smoothness_reference_from_zero(tmp_path):
     assert float(loaded.qtsplus.rho_sum) == 0.0 and float(loaded.qtsplus.rho_count) == 0.0
     rho = torch.tensor([0.2, 0.4])
     torch.testing.assert_close(loaded.qtsplus.smoothness_loss(rho), torch.tensor(0.01))  # around their own mean 0.3
+
+
+def test_the_released_recipe_is_one_option_away_for_training(stock_model, tiny_checkpoint, tmp_path, caplog):
+    """`TrainOptions(recipe="released")` / `qtsplus train --recipe released`: a stock folder is converted with the
+    recipe's layer counts and initialisation; a QTSplus checkpoint takes τ, the λs and n_max and keeps its layers."""
+    from qtsplus_hf.configuration_qtsplus import RECIPES
+    from qtsplus_hf.tiny import tiny_processor
+    from qtsplus_hf.training import LAYER_COUNT_FIELDS, load_model_and_processor
+
+    recipe = RECIPES["released"]
+    stock_model.save_pretrained(tmp_path / "stock")
+    tiny_processor().save_pretrained(tmp_path / "stock")
+    converted, _ = load_model_and_processor(str(tmp_path / "stock"), "released")
+    assert {field: getattr(converted.config, field) for field in recipe} == recipe
+    last_layer = stock_model.model.language_model.layers[-1].self_attn.q_proj.weight
+    assert torch.equal(converted.qtsplus.scoring_layers[0].q_proj.weight, last_layer)
+
+    checkpoint, _ = load_model_and_processor(tiny_checkpoint, "released")
+    for field, value in recipe.items():
+        if field not in LAYER_COUNT_FIELDS:
+            assert getattr(checkpoint.config, field) == value, field
+    assert checkpoint.config.qtsplus_num_reencode_layers == len(checkpoint.qtsplus.reencode_layers) == 1
+    assert "qtsplus_num_reencode_layers stays 1" in caplog.text

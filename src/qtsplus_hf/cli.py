@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Sequence
 
 from . import __version__
+from .configuration_qtsplus import RECIPES
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -51,6 +52,11 @@ def keep_ratio(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
+
+
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars on stderr (as HF_HUB_DISABLE_PROGRESS_BARS=1 does)")
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -198,6 +204,10 @@ def add_train_parser(commands) -> None:
                        help="weight of distilling the LM's attention over every video token into the scores")
     train.add_argument("--explore-ratio", type=explore_ratio, default=None,
                        help="share of each video's dropped tokens kept at random in training, in [0, 1)")
+    train.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                       help="released: the released QTSplus-3B settings (tau 0.5, lambdas 0.1 / 0.17 / 0.05, n_max "
+                            "512; converting a stock model: 2 re-encode layers and the released initialisation)")
+    add_progress_flag(train)
     train.set_defaults(handler=run_train)
 
 
@@ -217,6 +227,7 @@ def add_eval_parser(commands) -> None:
     evaluation.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N usable rows")
     evaluation.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     evaluation.add_argument("--json", default=None, help="write metrics and per-question predictions here")
+    add_progress_flag(evaluation)
     evaluation.set_defaults(handler=run_eval)
 def frame_counts(text: str) -> list[int]:
     try:
@@ -235,6 +246,9 @@ def run_bench(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag}: the folder of {path} does not exist")
     if args.model and not os.path.isdir(args.model):
         raise ValueError(f"--model: folder not found: {args.model}")
+    if args.pipeline_batch_sizes:
+        run_pipeline_bench(args)
+        return
     from .benchmark import BenchSettings, run_bench as bench, save_plot
 
     settings = BenchSettings(
@@ -246,6 +260,21 @@ def run_bench(args: argparse.Namespace) -> None:
         write_json_atomically(args.json, report)
     if args.plot:
         save_plot(report, args.plot)
+
+
+def run_pipeline_bench(args: argparse.Namespace) -> None:
+    """`qtsplus bench --pipeline-batch-sizes 1,4,8`: videos per second of the pipeline at each batch size."""
+    if args.plot:
+        raise ValueError("--plot applies to the stock-vs-QTSplus bench, not to --pipeline-batch-sizes")
+    from .benchmark import pipeline_throughput
+
+    report = pipeline_throughput(args.pipeline_batch_sizes, videos=args.pipeline_videos, repeats=args.repeats,
+                                 model_dir=args.model, seed=args.seed)
+    for row in report["rows"]:
+        print(f"batch {row['batch_size']:>3}: {row['videos_per_second']:.2f} videos/s "
+              f"({row['seconds']:.2f} s for {report['videos']} videos, {row['speedup']:.2f}x batch 1)")
+    if args.json:
+        write_json_atomically(args.json, report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,8 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--vision-chunk-frames", type=int, default=None,
                        help="QTSplus encodes videos this many frames at a time (default: the model config's)")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--pipeline-batch-sizes", type=frame_counts, default=None,
+                       help="instead: pipeline('video-text-to-text') throughput at these batch sizes, e.g. 1,4,8 "
+                            "(the bundled default model on synthetic videos, or the QTSplus folder --model)")
+    bench.add_argument("--pipeline-videos", type=positive_int, default=16, help="videos per --pipeline-batch-sizes pass")
     bench.add_argument("--json", default=None, help="write the report as JSON to this path")
     bench.add_argument("--plot", default=None, help="write a PNG of tokens and latency against frames")
+    add_progress_flag(bench)
     bench.set_defaults(handler=run_bench)
     return parser
 
@@ -310,6 +344,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter(f"qtsplus {args.command}: %(message)s"))
     handler.setLevel(logging.WARNING)
     library_logger.addHandler(handler)
+    bars_were_on = dataset_bars_were_on = False
+    if getattr(args, "no_progress", False):
+        import datasets.utils
+        from transformers.utils import logging as transformers_logging
+
+        # transformers' switch covers our bars, the Trainer's and the Hub's; datasets (reading --data) has its own.
+        bars_were_on = transformers_logging.is_progress_bar_enabled()
+        dataset_bars_were_on = not datasets.utils.are_progress_bars_disabled()
+        transformers_logging.disable_progress_bar()
+        datasets.utils.disable_progress_bars()
     try:
         args.handler(args)
     except (ValueError, OSError) as error:
@@ -317,6 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         library_logger.removeHandler(handler)
+        if bars_were_on:  # main() may run inside a longer Python process (tests): leave the switches as they were
+            transformers_logging.enable_progress_bar()
+        if dataset_bars_were_on:
+            datasets.utils.enable_progress_bars()
     return 0
 
 

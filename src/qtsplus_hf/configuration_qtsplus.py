@@ -9,6 +9,24 @@ from transformers import Qwen2_5_VLConfig
 
 POSITION_MODES = ("mrope", "sequential")
 SCORE_AGGREGATIONS = ("max", "weighted")
+# Qwen2.5's tokenizer: `<|im_start|>user\n` opens a user turn, `<|im_end|>` closes every turn.
+QWEN_USER_TURN_IDS = (151644, 872, 198)
+QWEN_TURN_END_ID = 151645
+# Settings one option away (`from_qwen2_5_vl(recipe=...)`, `qtsplus convert --recipe`, `qtsplus train --recipe`).
+# "released": the released training script's recipe for QTSplus-3B (script/training_example.sh: tau_s 0.5,
+# lambda_t 0.1 (FLOPs), lambda_m 0.17 (KV), lambda_s 0.05, nmax 512, 1 scoring and 2 re-encode layers); its
+# rho range, [0.05, 0.5], is the default here too.
+RECIPES = {
+    "released": {
+        "qtsplus_tau": 0.5,
+        "qtsplus_lambda_flops": 0.1,
+        "qtsplus_lambda_kv": 0.17,
+        "qtsplus_lambda_smooth": 0.05,
+        "qtsplus_max_tokens": 512,
+        "qtsplus_num_scoring_layers": 1,
+        "qtsplus_num_reencode_layers": 2,
+    },
+}
 
 class QTSplusConfig(Qwen2_5_VLConfig):
     r"""
@@ -69,6 +87,12 @@ class QTSplusConfig(Qwen2_5_VLConfig):
             through a learned direction to the kept token before re-encoding, so the language model can tell which
             kept tokens the question points at instead of re-deriving it (this project's addition; zeroed by
             `from_qwen2_5_vl`, so a converted model is unchanged; the released checkpoints have none).
+        qtsplus_user_turn_ids (`list[int]`, defaults to Qwen2.5's `<|im_start|>user\n`, `[151644, 872, 198]`) /
+        qtsplus_turn_end_id (`int`, defaults to Qwen2.5's `<|im_end|>`, 151645):
+            How the model finds the question when the caller passes no `qtsplus_query_mask`: the text of the user
+            turns (from after this header to the turn's end token), vision tokens and labels excluded. A row with no
+            user turn falls back to every attended non-vision token. `QTSplusProcessor.chat_turn_settings()` gives
+            the values for another tokenizer.
         qtsplus_base_model (`str`, *optional*):
             Hub id of the checkpoint this model was converted from (set by `from_qwen2_5_vl` and `qtsplus convert`);
             the model card's `base_model`.
@@ -96,6 +120,8 @@ class QTSplusConfig(Qwen2_5_VLConfig):
     qtsplus_explore_ratio: float = 0.0
     qtsplus_score_aggregation: str = "max"
     qtsplus_relevance_embedding: bool = False
+    qtsplus_user_turn_ids: list[int] | tuple[int, ...] = QWEN_USER_TURN_IDS
+    qtsplus_turn_end_id: int = QWEN_TURN_END_ID
     qtsplus_base_model: str | None = None
 
     def __post_init__(self, **kwargs):
@@ -139,6 +165,16 @@ class QTSplusConfig(Qwen2_5_VLConfig):
             fail("qtsplus_position_mode", " or ".join(repr(mode) for mode in POSITION_MODES))
         if self.qtsplus_score_aggregation not in SCORE_AGGREGATIONS:
             fail("qtsplus_score_aggregation", " or ".join(repr(mode) for mode in SCORE_AGGREGATIONS))
+        turn_ids = self.qtsplus_user_turn_ids
+        if not isinstance(turn_ids, (list, tuple)) or not turn_ids or not all(
+            isinstance(token, int) and not isinstance(token, bool) and token >= 0 for token in turn_ids
+        ):
+            fail("qtsplus_user_turn_ids", "a non-empty list of token ids")
+        self.qtsplus_user_turn_ids = list(turn_ids)
+        if isinstance(self.qtsplus_turn_end_id, bool) or not isinstance(self.qtsplus_turn_end_id, int) or (
+            self.qtsplus_turn_end_id < 0
+        ):
+            fail("qtsplus_turn_end_id", "a token id (an integer >= 0)")
         if self.qtsplus_base_model is not None and not isinstance(self.qtsplus_base_model, str):
             fail("qtsplus_base_model", "None or a Hub model id")
         if isinstance(self.qtsplus_explore_ratio, bool) or not isinstance(self.qtsplus_explore_ratio, (int, float)) or (
@@ -152,4 +188,4 @@ class QTSplusConfig(Qwen2_5_VLConfig):
                 fail(field, "a non-negative number")
 
 
-__all__ = ["QTSplusConfig"]
+__all__ = ["QTSplusConfig", "QWEN_TURN_END_ID", "QWEN_USER_TURN_IDS", "RECIPES"]

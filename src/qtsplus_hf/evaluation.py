@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
+from transformers.utils.logging import tqdm
 
 from .data import LETTERS, VideoQACollator
 from .evidence import evidence_figures, evidence_token_mask
@@ -173,7 +174,7 @@ def evaluate_video_qa(
     model, processor, rows: Sequence[dict], keep_ratio: float | None = None, fps: float | None = None,
     max_frames: int | None = None, max_new_tokens: int = 16, with_evidence: bool = True,
     keep_ratios: Sequence[float] | None = None,
-    selection_scores: Callable[[object, dict], list[torch.Tensor]] | None = None,
+    selection_scores: Callable[[object, dict], list[torch.Tensor]] | None = None, progress_desc: str = "eval",
 ) -> EvalResult:
     """Accuracy of `model` on normalised rows (`qtsplus_hf.data.normalize_row`), multiple-choice and free-form,
     one at a time, on the device the model is on.
@@ -189,6 +190,9 @@ def evaluate_video_qa(
 
     `latency_s` is the model's time to the answer (vision encoder, selector, prefill and, for free-form rows, the
     generated tokens), after one untimed warm-up question; `load_s` is decoding and preprocessing the video.
+
+    A progress bar (`progress_desc`, one step per row) goes to stderr: transformers' `tqdm`, off after
+    `transformers.utils.logging.disable_progress_bar()` or with `HF_HUB_DISABLE_PROGRESS_BARS=1`.
     """
     import evaluate
 
@@ -213,7 +217,7 @@ def evaluate_video_qa(
     warm_up = {name: value.to(device) for name, value in collator(rows[:1]).items()}
     predict_row(model, processor, warm_up, rows[0], ratios[0], max_new_tokens, **extra(ranking(warm_up)))
     predictions = []
-    for row, ratio in zip(rows, ratios):
+    for row, ratio in tqdm(zip(rows, ratios), total=len(rows), desc=progress_desc, unit="question"):
         start = time.perf_counter()
         batch = {name: value.to(device) for name, value in collator([row]).items()}
         scores = ranking(batch)

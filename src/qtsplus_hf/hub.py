@@ -3,6 +3,7 @@
 import ast
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -14,7 +15,9 @@ from .pipeline_video_text_to_text import PIPELINE_TASK
 # Beyond huggingface_hub's own defaults (.git, .cache/huggingface): byte code a local import may have left behind.
 PUSH_IGNORE_PATTERNS = ["__pycache__", "__pycache__/*", "*/__pycache__/*", "*.pyc"]
 REQUIRED_AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForImageTextToText")
-REQUIRED_CARD_FIELDS = ("library_name", "pipeline_tag", "base_model", "license", "tags")
+REQUIRED_CARD_FIELDS = ("library_name", "pipeline_tag", "license", "tags")
+
+logger = logging.getLogger(__name__)
 
 
 def save_checkpoint(model, processor, directory: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
@@ -46,12 +49,12 @@ def check_output_folder(out_dir: str | os.PathLike) -> str:
     return out_dir
 
 
-def check_base_model(base_model: str | None) -> str:
-    """The card's `base_model` must be a Hub model id (a local path would publish a dead link)."""
+def check_base_model(base_model: str | None) -> str | None:
+    """The card's `base_model` must be a Hub model id (a local path would publish a dead link); None: unknown."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if not base_model:
-        raise ValueError("the base model is unknown (config.qtsplus_base_model is not set): pass --base-model")
+        return None
     try:
         # "Qwen/Qwen2.5-VL-3B-Instruct" may also be a local download folder: only explicit paths are refused.
         if os.path.isabs(base_model) or base_model.startswith((".", "~")):
@@ -60,6 +63,29 @@ def check_base_model(base_model: str | None) -> str:
     except HFValidationError as error:
         raise ValueError(f"base model {base_model!r} is not a Hub model id ({error}); pass --base-model") from error
     return base_model
+
+
+def hub_id_of_local_folder(folder: str | os.PathLike, config: dict | None = None) -> str | None:
+    """The Hub model id a local checkpoint folder came from, when it says so: a recorded `qtsplus_base_model`, a
+    Hub id in the config's `_name_or_path`, or a huggingface_hub cache snapshot (`.../models--ORG--NAME/snapshots/REV`).
+    None when nothing names one."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    config = config or {}
+    candidates = [config.get("qtsplus_base_model"), config.get("_name_or_path")]
+    parts = os.path.abspath(folder).split(os.sep)
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        candidates.append(parts[-3].removeprefix("models--").replace("--", "/"))
+    for candidate in candidates:
+        if not isinstance(candidate, str) or os.path.isabs(candidate) or candidate.startswith((".", "~")):
+            continue
+        try:
+            validate_repo_id(candidate)
+        except HFValidationError:
+            continue
+        if "/" in candidate:  # a bare folder name passes the id check but names no Hub repository
+            return candidate
+    return None
 
 
 def write_hub_folder(
@@ -76,11 +102,14 @@ def write_hub_folder(
     Weights (safetensors, sharded above `max_shard_size`), `config.json` with `auto_map` and `custom_pipelines`,
     `generation_config.json`, the processor / tokenizer / chat-template files, every remote-code file at the top level
     and README.md rendered from `hub_card/`. The folder appears complete or not at all (written beside, then renamed).
-    `base_model` (a Hub id) defaults to `config.qtsplus_base_model`.
+    `base_model` (a Hub id) defaults to `config.qtsplus_base_model`; when neither names one, the card has no
+    `base_model` (logged as a warning: `hub_upload_gaps` reports it).
     """
     from .hub_card import render_model_card
 
     base_model = check_base_model(base_model or model.config.qtsplus_base_model)
+    if base_model is None:
+        logger.warning("the base model is unknown: the model card will not name it (pass --base-model ORG/NAME)")
     with staged_output_folder(out_dir) as staging:
         model.config.qtsplus_base_model = base_model
         save_checkpoint(model, processor, staging, max_shard_size=max_shard_size)
@@ -208,6 +237,17 @@ def _check_card(folder: str) -> None:
         raise ValueError(f"README.md must declare library_name: transformers and pipeline_tag: {PIPELINE_TASK}")
     if "qtsplus" not in data["tags"]:
         raise ValueError("README.md tags must include qtsplus")
+
+
+def hub_upload_gaps(folder: str | os.PathLike) -> list[str]:
+    """What a valid Hub folder still lacks for a complete Hub page (not needed to load it): today, a card that
+    names no `base_model` (the Hub then cannot link the model to the checkpoint it was built from)."""
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(os.path.join(folder, "README.md")).data.to_dict()
+    if data.get("base_model"):
+        return []
+    return ["README.md names no base_model: re-run `qtsplus export` or `qtsplus convert` with --base-model ORG/NAME"]
 
 
 def hub_folder_files(folder: str | os.PathLike) -> list[tuple[str, int]]:

@@ -1,6 +1,7 @@
 """`qtsplus export`, `qtsplus push` and `qtsplus convert`: Hub folders from QTSplus, stock or released checkpoints."""
 
 import argparse
+import logging
 import os
 
 
@@ -29,10 +30,11 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_output_options(args: argparse.Namespace, base_model: str | None) -> None:
-    """Fail on a bad --out or base model before any weights are read."""
+    """Fail on a bad --out or base model before any weights are read; `args.base_model` becomes the base model
+    found (None: unknown, the card will not name one)."""
     from .hub import check_base_model, check_output_folder
 
-    check_base_model(base_model)
+    args.base_model = check_base_model(base_model)
     check_output_folder(args.out)
 
 
@@ -80,16 +82,21 @@ def run_push(args: argparse.Namespace) -> None:
     """Validate a Hub folder, then (unless --dry-run) create the repository and upload it."""
     from huggingface_hub.utils import validate_repo_id
 
-    from .hub import push_hub_folder, validate_hub_folder
+    from .hub import hub_upload_gaps, push_hub_folder, validate_hub_folder
 
     validate_repo_id(args.repo_id)
     files = validate_hub_folder(args.model)
     visibility = "private if new" if args.private else "the Hub's default visibility if new"
     target = f"{args.repo_id} ({visibility}, revision {args.revision or 'main'})"
+    gaps = hub_upload_gaps(args.model)
     if args.dry_run:
         print(f"dry run: {args.model} is valid; would upload to {target}:")
         _print_files(files)
+        for gap in gaps:
+            print(f"still lacks: {gap}")
         return
+    for gap in gaps:
+        logging.getLogger(__name__).warning("uploading anyway, but the repository lacks this: %s", gap)
     print(f"uploading {len(files)} files to {target}")
     try:
         url = push_hub_folder(args.model, args.repo_id, private=args.private, revision=args.revision)
@@ -120,26 +127,38 @@ def run_convert(args: argparse.Namespace) -> None:
     is_local = os.path.isdir(args.source)
     if args.source_format == "official" and not is_local:
         raise ValueError(f"checkpoint folder not found: {args.source} (--from official reads a local folder)")
-    # A Hub id names its own base model; a local folder does not.
-    _check_output_options(args, args.base_model or (None if is_local else args.source))
+    # A Hub id names its own base model; a local folder may record one (or be a Hub cache snapshot).
+    recorded = None
+    if is_local:
+        from .convert import load_config_dict
+        from .hub import hub_id_of_local_folder
+
+        recorded = hub_id_of_local_folder(args.source, load_config_dict(args.source))
+    _check_output_options(args, args.base_model or (recorded if is_local else args.source))
     if args.source_format == "official":
         for flag, value in (("--scoring-layers", args.scoring_layers), ("--reencode-layers", args.reencode_layers),
-                            ("--position-mode", args.position_mode)):
+                            ("--position-mode", args.position_mode), ("--recipe", args.recipe),
+                            ("--init", args.init_scheme)):
             if value is not None:
                 raise ValueError(f"{flag} does not apply to --from official: the released weights fix it")
     elif args.base_config is not None:
         raise ValueError("--base-config applies to --from official only")
     processor = load_processor(processor_source)  # before the weights: bad processor files fail in seconds
+    overrides.update(processor.chat_turn_settings())  # where the model finds the question without a query mask
     if args.source_format == "official":
         model = from_official_checkpoint(args.source, base_config=args.base_config, **overrides)
     else:
-        model = QTSplusQwen2_5_VLForConditionalGeneration.from_qwen2_5_vl(args.source, **overrides)
+        model = QTSplusQwen2_5_VLForConditionalGeneration.from_qwen2_5_vl(
+            args.source, recipe=args.recipe, init_scheme=args.init_scheme, **overrides
+        )
     _write(model, processor, args)
 
 
 def add_hub_commands(commands) -> None:
     """Register `export`, `push` and `convert` on the `qtsplus` sub-command parsers."""
     from .cli import keep_ratio, positive_int
+    from .configuration_qtsplus import RECIPES
+    from .modeling_qtsplus_qwen2_5_vl import INIT_SCHEMES
 
     export = commands.add_parser("export", help="write a complete Hub folder from a saved QTSplus checkpoint")
     export.add_argument("--model", required=True, help="QTSplus checkpoint folder (weights, config, processor)")
@@ -167,5 +186,11 @@ def add_hub_commands(commands) -> None:
     convert.add_argument("--scoring-layers", type=positive_int, default=None)
     convert.add_argument("--reencode-layers", type=int, default=None)
     convert.add_argument("--position-mode", choices=("mrope", "sequential"), default=None)
+    convert.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                         help="released: the released QTSplus-3B training settings (tau 0.5, lambdas 0.1 / 0.17 / "
+                              "0.05, n_max 512, 2 re-encode layers) and its initialisation; the options above win")
+    convert.add_argument("--init", dest="init_scheme", choices=INIT_SCHEMES, default=None,
+                         help="identity (default): the converted model equals the stock one at keep ratio 1.0; "
+                              "released: the released code's scheme (scoring from the last LM layer, o_proj kept)")
     _add_output_options(convert)
     convert.set_defaults(handler=run_convert)

@@ -29,7 +29,7 @@ from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration,
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput, logging
 
-from .configuration_qtsplus import QTSplusConfig
+from .configuration_qtsplus import RECIPES, QTSplusConfig
 from .pipeline_video_text_to_text import PIPELINE_TASK, QTSplusVideoTextToTextPipeline
 
 try:  # transformers >= 5.20 shares one multimodal output class across models
@@ -41,6 +41,8 @@ except ImportError:  # transformers 5.17 - 5.19
 
 
 IGNORE_INDEX = -100
+# How `initialize_selector_from_language_model` copies LM layers into the selector.
+INIT_SCHEMES = ("identity", "released")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -137,10 +139,14 @@ class QTSplusRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.weight * self.normalize(hidden_states)
+
+    def normalize(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The norm without the weight, in the input dtype (norms of one input share it: see `project`)."""
         dtype = hidden_states.dtype
         hidden_states = hidden_states.float()
         hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * hidden_states.to(dtype)
+        return hidden_states.to(dtype)
 
 
 class QTSplusFeedForward(nn.Module):
@@ -185,10 +191,15 @@ class QTSplusAttentionLayer(nn.Module):
         """`[B, L, D]`, `[B, M, D]` -> q `[B, H, L, d]`, k and v `[B, H_kv, M, d]`.
 
         `time_embeds` (`[B, M, D]`, self-attention only) is added after both norms, inside the attention branch.
+        Self-attention (`keys_values is queries`) normalises once for both norms: they differ only in the weight.
         """
-        query_in, kv_in = self.q_norm(queries), self.kv_norm(keys_values)
+        if keys_values is queries and self.q_norm.eps == self.kv_norm.eps:
+            normed = self.q_norm.normalize(queries)
+            query_in, kv_in = self.q_norm.weight * normed, self.kv_norm.weight * normed
+        else:
+            query_in, kv_in = self.q_norm(queries), self.kv_norm(keys_values)
         if time_embeds is not None:
-            query_in, kv_in = query_in + time_embeds, kv_in + time_embeds
+            query_in, kv_in = query_in.add_(time_embeds), kv_in.add_(time_embeds)
         batch, query_len, _ = queries.shape
         kv_len = keys_values.shape[1]
         q = self.q_proj(query_in).view(batch, query_len, self.num_heads, self.head_dim).transpose(1, 2)
@@ -217,8 +228,11 @@ class QTSplusAttentionLayer(nn.Module):
             if with_values:
                 values.append(self.v_proj(normed))
         shape = (batch, kv_len, self.num_key_value_heads, self.head_dim)
-        k = torch.cat(keys, dim=1).view(shape).transpose(1, 2)
-        v = torch.cat(values, dim=1).view(shape).transpose(1, 2) if with_values else None
+        # One block (M <= key_block_size) is used as it is: a cat would copy it.
+        k = (keys[0] if len(keys) == 1 else torch.cat(keys, dim=1)).view(shape).transpose(1, 2)
+        v = None
+        if with_values:
+            v = (values[0] if len(values) == 1 else torch.cat(values, dim=1)).view(shape).transpose(1, 2)
         return k, v
 
     def cross_attention_probs(
@@ -227,8 +241,8 @@ class QTSplusAttentionLayer(nn.Module):
         """Attention probabilities of the queries over the keys, and the attention output.
 
         Args:
-            queries: `[B, L, D]`; keys_values: `[B, M, D]`; key_mask: bool `[B, M]`, False = padding;
-            with_output: False skips the value projection and the output (the last scoring layer needs only probs).
+            queries: `[B, L, D]`; keys_values: `[B, M, D]`; key_mask: bool `[B, M]`, False = padding, or None when
+            no key is padding; with_output: False skips the value projection and the output (the last scoring layer needs only probs).
         Returns:
             probs `[B, H_kv, G*L, M]` (float32; head `h = kv*G + g`, rows ordered `(g, l)`) and
             attention output `[B, H, L, d]` (None without `with_output`).
@@ -241,12 +255,22 @@ class QTSplusAttentionLayer(nn.Module):
         # the question rows exist, L << M; scaling and masking happen in place on the one [B, H, L, M] buffer.
         q = q.reshape(batch, self.num_key_value_heads, groups * length, self.head_dim)
         logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).div_(math.sqrt(self.head_dim))
-        logits = logits.masked_fill_(~key_mask[:, None, None, :], torch.finfo(logits.dtype).min)
+        if key_mask is not None:
+            logits = logits.masked_fill_(~key_mask[:, None, None, :], torch.finfo(logits.dtype).min)
         probs = logits.softmax(dim=-1)
         if not with_output:
             return probs, None
         attn_output = torch.matmul(probs.to(v.dtype), v).view(batch, self.num_heads, length, self.head_dim)
         return probs, attn_output
+
+    def forward(
+        self, queries: torch.Tensor, keys_values: torch.Tensor, key_mask: torch.Tensor, with_output: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One scoring step: `cross_attention_probs`, then the updated queries `finish(queries, attention)` `[B, L, D]`
+        (None without `with_output`). Called as the module, so that a `device_map`'s hook moves every input to
+        this layer's device first."""
+        probs, attn_output = self.cross_attention_probs(queries, keys_values, key_mask, with_output)
+        return probs, (self.finish(queries, attn_output) if with_output else None)
 
 
 class QTSplusBudgetHead(nn.Module):
@@ -278,9 +302,11 @@ class QTSplusTimeEmbedding(nn.Module):
         self.proj = nn.Linear(config.qtsplus_time_embedding_dim, config.text_config.hidden_size)
 
     def forward(self, seconds: torch.Tensor) -> torch.Tensor:
+        # The tokens of a temporal patch share its timestamp: each distinct one is embedded once, then gathered.
+        distinct, index = torch.unique(seconds, return_inverse=True)
         exponent = torch.arange(self.num_frequencies, device=seconds.device, dtype=torch.float32) / self.num_frequencies
-        angles = seconds.float()[..., None] * torch.exp(-math.log(10000.0) * exponent)
-        return self.proj(torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.proj.weight.dtype))
+        angles = distinct.float()[..., None] * torch.exp(-math.log(10000.0) * exponent)
+        return self.proj(torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.proj.weight.dtype))[index]
 
 
 class QTSplusRelevanceEmbedding(nn.Module):
@@ -320,10 +346,12 @@ class QTSplusReencodeLayer(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, key_mask: torch.Tensor, time_embeds: torch.Tensor | None
     ) -> torch.Tensor:
-        """`hidden_states [V, N, D]`, bool `key_mask [V, N]` (False = padding), `time_embeds [V, N, D]` or None."""
+        """`hidden_states [V, N, D]`, bool `key_mask [V, N]` (False = padding; None: no padding), `time_embeds
+        [V, N, D]` or None. Without a mask SDPA may pick a fused kernel that takes none (flash on CUDA)."""
         q, k, v = self.core.project(hidden_states, hidden_states, time_embeds)
         attn_output = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask[:, None, None, :], enable_gqa=self.core.num_heads != self.core.num_key_value_heads
+            q, k, v, attn_mask=None if key_mask is None else key_mask[:, None, None, :],
+            enable_gqa=self.core.num_heads != self.core.num_key_value_heads,
         )
         return self.core.finish(hidden_states, attn_output)
 
@@ -425,19 +453,25 @@ class QTSplusSelector(nn.Module):
         Args:
             video `[V, M, D]`, video_mask bool `[V, M]`, query `[V, L, D]`, query_mask bool `[V, L]`.
         """
+        home = video.device
+        # No padded video token (one video, or videos of one length): no key mask to apply.
+        key_mask = None if bool(video_mask.all()) else video_mask
         for layer in self.scoring_layers[:-1]:
-            _, attn_output = layer.cross_attention_probs(query, video, video_mask)
-            query = layer.finish(query, attn_output)
+            _, query = layer(query, video, key_mask)
         last = self.scoring_layers[-1]
-        probs, _ = last.cross_attention_probs(query, video, video_mask, with_output=False)
+        probs, _ = last(query, video, key_mask, with_output=False)
+        # Under a device_map the last layer may sit elsewhere: reduce there, return r on the video's device.
+        video_mask, query_mask = video_mask.to(probs.device), query_mask.to(probs.device)
         groups = probs.shape[2] // query.shape[1]
         if self.query_token_weights is not None:
-            return self.weighted_relevance(probs, last.q_norm(query), query_mask) * video_mask
+            return (self.weighted_relevance(probs, last.q_norm(query), query_mask) * video_mask).to(home)
+        if bool(query_mask.all()):  # no padded question row: one max over heads and rows
+            return (probs.amax(dim=(1, 2)) * video_mask).to(home)
         # Max over the key/value heads first (a [V, G*L, M] result, H_kv times smaller than probs); then padded
         # question rows must not vote: probabilities are >= 0, so zeroing them removes them from the max.
         per_row = probs.amax(dim=1)
         row_mask = query_mask.repeat(1, groups)[:, :, None]
-        return per_row.masked_fill(~row_mask, 0.0).amax(dim=1) * video_mask
+        return (per_row.masked_fill(~row_mask, 0.0).amax(dim=1) * video_mask).to(home)
 
     def weighted_relevance(self, probs: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
         """Aggregation `"weighted"`: r_j = max over heads h of Σ_l w_hl p_hlj, w_h = softmax over the question
@@ -449,7 +483,8 @@ class QTSplusSelector(nn.Module):
         """
         batch, kv_heads, rows, length = probs.shape
         groups = rows // query.shape[1]
-        logits = self.query_token_weights(query).float().masked_fill(~query_mask[..., None], float("-inf"))
+        logits = self.query_token_weights(query).to(probs.device).float()
+        logits = logits.masked_fill(~query_mask[..., None], float("-inf"))
         weights = logits.softmax(dim=1).transpose(1, 2).reshape(batch, kv_heads, groups * query.shape[1])
         per_head = (probs * weights[..., None]).view(batch, kv_heads, groups, -1, length).sum(3)
         return per_head.amax(dim=(1, 2))
@@ -463,10 +498,11 @@ class QTSplusSelector(nn.Module):
         p = scores / scores.sum(-1, keepdim=True).clamp_min(1e-12)
         entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
         stats = torch.stack([num_tokens.log(), scores.amax(-1), entropy], dim=-1)
-        return self.budget(torch.cat([query_mean.float(), stats], dim=-1).to(query.dtype))
+        return self.budget(torch.cat([query_mean.float(), stats], dim=-1).to(query.dtype)).to(query.device)
 
-    def reencode(self, kept: torch.Tensor, kept_mask: torch.Tensor, seconds: torch.Tensor) -> torch.Tensor:
-        """Kept tokens `[V, N, D]`, bool `kept_mask [V, N]`, timestamps `seconds [V, N]` -> `[V, N, D]`."""
+    def reencode(self, kept: torch.Tensor, kept_mask: torch.Tensor | None, seconds: torch.Tensor) -> torch.Tensor:
+        """Kept tokens `[V, N, D]`, bool `kept_mask [V, N]` (None: no padding), timestamps `seconds [V, N]` ->
+        `[V, N, D]`."""
         time_embeds = self.time_embedding(seconds) if self.time_embedding is not None else None
         for layer in self.reencode_layers:
             kept = layer(kept, kept_mask, time_embeds)
@@ -493,6 +529,10 @@ class QTSplusSelector(nn.Module):
         Returns:
             keep bool `[V, M]`; kept tokens re-encoded, flattened in video order `[Σn, D]`; ρ `[V]` (with graph);
             scores `[V, M]`.
+
+        Devices: all inputs on one device, where keep, ρ and scores are returned; sub-modules that a `device_map`
+        puts elsewhere are called as modules (their hooks move the inputs) and their results are moved back, except
+        the kept tokens, returned from the last re-encode layer's device for the caller to move to its embeddings.
         """
         scores = self.score(video, video_mask, query, query_mask)
         num_tokens = video_mask.sum(-1)
@@ -523,22 +563,34 @@ class QTSplusSelector(nn.Module):
                 counts = keep.sum(-1)
             kept_features = video * gate[..., None].to(video.dtype)
 
-        # Pack each video's kept tokens to the front of a [V, N] grid, in their original order.
-        slot = keep.long().cumsum(-1) - 1
+        # Pack each video's kept tokens to the front of a [V, N] grid, in their original order. When every video
+        # keeps N (one video, the usual case) the grid has no padding: it is the kept tokens in video order as they
+        # are, and the re-encoder gets no mask (None), so SDPA can use a kernel that takes none.
         packed_shape = (video.shape[0], int(counts.max()))
-        rows = torch.arange(video.shape[0], device=video.device)[:, None].expand_as(keep)[keep]
-        packed = video.new_zeros(*packed_shape, video.shape[-1])
-        packed[rows, slot[keep]] = kept_features[keep]
-        packed_seconds = seconds.new_zeros(packed_shape)
-        packed_seconds[rows, slot[keep]] = seconds[keep]
-        packed_mask = torch.arange(packed_shape[1], device=video.device)[None, :] < counts[:, None]
+        if bool((counts == packed_shape[1]).all()):
+            packed = kept_features[keep].view(*packed_shape, video.shape[-1])
+            packed_seconds = seconds[keep].view(packed_shape)
+            packed_scores = scores[keep].view(packed_shape) if self.relevance_embedding is not None else None
+            packed_mask = None
+        else:
+            slot = keep.long().cumsum(-1) - 1
+            rows = torch.arange(video.shape[0], device=video.device)[:, None].expand_as(keep)[keep]
+            packed = video.new_zeros(*packed_shape, video.shape[-1])
+            packed[rows, slot[keep]] = kept_features[keep]
+            packed_seconds = seconds.new_zeros(packed_shape)
+            packed_seconds[rows, slot[keep]] = seconds[keep]
+            packed_mask = torch.arange(packed_shape[1], device=video.device)[None, :] < counts[:, None]
+            if self.relevance_embedding is not None:
+                packed_scores = scores.new_zeros(packed_shape)
+                packed_scores[rows, slot[keep]] = scores[keep]
         if self.relevance_embedding is not None:
-            packed_scores = scores.new_zeros(packed_shape)
-            packed_scores[rows, slot[keep]] = scores[keep]
-            packed = packed + self.relevance_embedding(packed_scores, num_tokens).to(packed.dtype)
+            packed = packed + self.relevance_embedding(packed_scores, num_tokens).to(packed.device, packed.dtype)
         if len(self.reencode_layers) > 0:
             packed = self.reencode(packed, packed_mask, packed_seconds)
-        return keep, packed[packed_mask], rho, scores
+        # The last re-encode layer's device (device_map); the caller moves the tokens to its embeddings.
+        if packed_mask is None:
+            return keep, packed.flatten(0, 1), rho, scores
+        return keep, packed[packed_mask.to(packed.device)], rho, scores
 
     def explored_tokens(self, keep: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor | None:
         """Bool `[V, M]`: `qtsplus_explore_ratio` of each video's dropped tokens, drawn uniformly (None when off).
@@ -557,11 +609,11 @@ class QTSplusSelector(nn.Module):
         """(ρ − running mean of ρ over training)², averaged over videos; the running mean updates in training."""
         if self.training:
             with torch.no_grad():
-                self.rho_sum += rho.detach().double().sum()
+                self.rho_sum += rho.detach().double().sum().to(self.rho_sum.device)
                 self.rho_count += rho.numel()
         if self.rho_count == 0:
             return (rho - rho.detach().mean()).pow(2).mean()
-        return (rho - (self.rho_sum / self.rho_count).to(rho.dtype)).pow(2).mean()
+        return (rho - (self.rho_sum / self.rho_count).to(rho.device, rho.dtype)).pow(2).mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -617,16 +669,18 @@ class ReaderAttentionRecorder:
     def record(self, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
         """`query [B, H, S, d]`, `key [B, H_kv, S, d]` (after the rotary embedding)."""
         batch, heads, _, head_dim = query.shape
-        valid_rows = self.rows >= 0
-        rows = self.rows.clamp_min(0)
+        # Each decoder layer may sit on its own device (device_map): compute there, sum on the recorder's device.
+        valid_rows = self.rows.to(query.device) >= 0
+        rows = self.rows.to(query.device).clamp_min(0)
         picked = query.gather(2, rows[:, None, :, None].expand(batch, heads, -1, head_dim)).float()
         keys = key.float().repeat_interleave(heads // key.shape[1], dim=1)
         logits = torch.matmul(picked, keys.transpose(-1, -2)) * (scaling or head_dim**-0.5)
         positions = torch.arange(key.shape[2], device=key.device)
-        allowed = self.key_mask[:, None, :] & (positions[None, None, :] <= rows[:, :, None])  # [B, R, S]
+        key_mask = self.key_mask.to(key.device)
+        allowed = key_mask[:, None, :] & (positions[None, None, :] <= rows[:, :, None])  # [B, R, S]
         probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).nan_to_num(0.0).mean(1)
         probs = probs * valid_rows[..., None]
-        self.attention += probs.sum(1) / valid_rows.sum(-1, keepdim=True).clamp_min(1)
+        self.attention += (probs.sum(1) / valid_rows.sum(-1, keepdim=True).clamp_min(1)).to(self.attention.device)
 
 
 def _reader_sdpa_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
@@ -684,6 +738,11 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
     config_class = QTSplusConfig
     config: QTSplusConfig
     _auto_class_names = ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText")
+    # device_map keeps each selector layer on one device: the selector calls them as modules, whose hooks move the
+    # inputs; a split layer would leave its masks and residual on another device than its projections.
+    _no_split_modules = [
+        *Qwen2_5_VLForConditionalGeneration._no_split_modules, "QTSplusAttentionLayer", "QTSplusReencodeLayer"
+    ]
     # The loss adds per-batch means (the auxiliary terms) to the LM loss, so the Trainer must average micro-batches
     # itself under gradient accumulation instead of handing `num_items_in_batch` to the LM loss alone.
     accepts_loss_kwargs = False
@@ -723,7 +782,8 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         labels: torch.Tensor | None,
         query_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Bool `[B, S]`: the caller's mask, else every attended non-vision token that is not a label."""
+        """Bool `[B, S]`, never a label: the caller's mask, else the text of the user turns (see `_user_turn_text`),
+        else (a row without a user turn) every attended non-vision token."""
         if query_mask is not None:
             if query_mask.shape != input_ids.shape:
                 raise ValueError(
@@ -742,6 +802,8 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
                 device=input_ids.device,
             )
             question = attention_mask.bool() & ~torch.isin(input_ids, vision_ids)
+            user_text, has_user_turn = self._user_turn_text(input_ids)
+            question = torch.where(has_user_turn[:, None], question & user_text, question)
         if labels is not None:  # the answer must never steer the selection
             question = question & (labels == IGNORE_INDEX)
         has_video = (input_ids == self.config.video_token_id).any(-1)
@@ -752,6 +814,25 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
                 "non-vision, non-label tokens) must mark at least one token in every sample with a video"
             )
         return question
+
+    def _user_turn_text(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bool `[B, S]` True from after each `config.qtsplus_user_turn_ids` header up to the next
+        `config.qtsplus_turn_end_id` (the user turns' content in the chat format), and bool `[B]`: the row has one.
+
+        The question the released selector was trained on: without it, the system prompt and the role markers of
+        every turn would vote in the scoring and feed the budget head's mean question embedding.
+        """
+        header = torch.tensor(self.config.qtsplus_user_turn_ids, device=input_ids.device)
+        batch, length = input_ids.shape
+        content_starts = torch.zeros_like(input_ids, dtype=torch.bool)
+        if length > len(header):
+            header_at = (input_ids.unfold(1, len(header), 1) == header).all(-1)  # [B, S - H + 1]: a header starts
+            content_starts[:, len(header):] = header_at[:, : length - len(header)]
+        positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+        none = torch.full_like(positions, -1)
+        last_start = torch.where(content_starts, positions, none).cummax(-1).values
+        last_end = torch.where(input_ids == self.config.qtsplus_turn_end_id, positions, none).cummax(-1).values
+        return last_start > last_end, content_starts.any(-1)
 
     def _video_owner(self, video_positions: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
         """Batch row of each video `[V]`, checking that no video's placeholders straddle two rows.
@@ -870,11 +951,13 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         query_slots = torch.arange(int(question_lengths.max()), device=input_ids.device)
         query_mask = query_slots[None, :] < question_lengths[:, None]
         query = question_embeds.new_zeros(*query_mask.shape, question_embeds.shape[-1])
-        query[query_mask] = question_embeds
+        query[query_mask.to(query.device)] = question_embeds
         # One video (the usual case) is used as it is: padding would copy all M_v x D features.
         video = video_embeds[0][None] if len(video_embeds) == 1 else nn.utils.rnn.pad_sequence(video_embeds, True)
         video = video.to(question_embeds.dtype)
-        video_mask = torch.arange(video.shape[1], device=video.device)[None, :] < num_tokens[:, None]
+        # Devices (device_map): the selector's inputs and results live on the video features' device, the sequence
+        # bookkeeping (counts, masks, ids, positions) on input_ids', the compacted embeddings on the embedding layer's.
+        video_mask = torch.arange(video.shape[1], device=video.device)[None, :] < num_tokens.to(video.device)[:, None]
         seconds = video_token_timestamps(
             video_grid_thw, second_per_grid_ts, self.config.vision_config.spatial_merge_size, video.device
         )
@@ -887,13 +970,15 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
                 [v.to(video.device, torch.float32) for v in qtsplus_selection_scores], batch_first=True
             )
         keep, kept_tokens, rho, scores = self.qtsplus(
-            video, video_mask, query[owner], query_mask[owner], seconds, qtsplus_keep_ratio, selection_scores
+            video, video_mask, query[owner.to(query.device)].to(video.device), query_mask[owner].to(video.device),
+            seconds, qtsplus_keep_ratio, selection_scores,
         )
+        keep, rho, scores = keep.to(video.device), rho.to(video.device), scores.to(video.device)
 
         # Drop the unselected placeholders (and the old padding: the shortened rows are padded afresh), then embed
         # the compacted ids and place the image features and the re-encoded kept tokens.
         sequence_keep = attention_mask != 0
-        sequence_keep[video_positions] = keep[video_mask]
+        sequence_keep[video_positions] = keep[video_mask].to(sequence_keep.device)
         new_lengths = sequence_keep.sum(-1)
         length = int(new_lengths.max())
         right_padded = bool((attention_mask[:, -1] == 0).any())
@@ -931,7 +1016,8 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
                 raise ValueError(f"qtsplus_evidence_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                                  f"got {tuple(qtsplus_evidence_mask.shape)}")
             evidence = torch.zeros_like(video_mask)
-            evidence[video_mask] = qtsplus_evidence_mask.to(video_mask.device).bool()[video_positions]
+            on_video = qtsplus_evidence_mask.to(input_ids.device).bool()[video_positions]
+            evidence[video_mask] = on_video.to(evidence.device)
         if with_teacher:
             full_positions = position_ids if self.config.qtsplus_position_mode == "mrope" else None
             teacher = self.reader_attention_over_video(
@@ -989,9 +1075,13 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         if image_embeds is not None:
             image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
                                                             image_features=image_embeds)
-            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds.to(inputs_embeds.dtype))
-        video_slots = (input_ids == self.config.video_token_id)[..., None]
-        inputs_embeds = inputs_embeds.masked_scatter(video_slots, torch.cat(video_embeds).to(inputs_embeds.dtype))
+            inputs_embeds = inputs_embeds.masked_scatter(
+                image_mask, image_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+            )
+        video_slots = (input_ids == self.config.video_token_id)[..., None].to(inputs_embeds.device)
+        inputs_embeds = inputs_embeds.masked_scatter(
+            video_slots, torch.cat(video_embeds).to(inputs_embeds.device, inputs_embeds.dtype)
+        )
 
         language_model = self.model.language_model
         previous = language_model.config._attn_implementation
@@ -1020,7 +1110,10 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             image_positions = input_ids == self.config.image_token_id
             image_rank = image_positions.flatten().long().cumsum(0).view_as(input_ids) - 1
             in_question = image_positions[question]
-            question_embeds[in_question] = image_embeds[image_rank[question][in_question]].to(question_embeds.dtype)
+            picked = image_embeds[image_rank[question][in_question].to(image_embeds.device)]
+            question_embeds[in_question.to(question_embeds.device)] = picked.to(
+                question_embeds.device, question_embeds.dtype
+            )
         return question_embeds
 
     def _compacted_embeddings(
@@ -1033,9 +1126,14 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             image_mask, _ = self.model.get_placeholder_mask(
                 kept_ids, inputs_embeds=inputs_embeds, image_features=image_embeds
             )
-            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds.to(inputs_embeds.dtype))
-        video_slots = (kept_ids == self.config.video_token_id) & attention_mask.bool()
-        return inputs_embeds.masked_scatter(video_slots[..., None], kept_tokens.to(inputs_embeds.dtype))
+            inputs_embeds = inputs_embeds.masked_scatter(
+                image_mask, image_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+            )
+        # As the stock model: features and masks move to the embeddings' device (device_map) before the scatter.
+        video_slots = ((kept_ids == self.config.video_token_id) & attention_mask.bool()).to(inputs_embeds.device)
+        return inputs_embeds.masked_scatter(
+            video_slots[..., None], kept_tokens.to(inputs_embeds.device, inputs_embeds.dtype)
+        )
 
     def _runs_selector(self, pixel_values_videos: torch.Tensor | None) -> bool:
         return bool(self.config.qtsplus_enabled) and pixel_values_videos is not None
@@ -1162,7 +1260,9 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         result = QTSplusCausalLMOutputWithPast(**outputs, qtsplus=prefill.selection, lm_loss=outputs.loss)
         if labels is not None:
             num_tokens = torch.tensor(prefill.selection.num_tokens, device=prefill.rho_for_losses.device)
-            aux = self.auxiliary_losses(prefill.rho_for_losses, num_tokens)
+            # Computed on the selector side, added where the LM's loss is (device_map), as stock MoE aux losses.
+            aux = {name: value.to(outputs.loss.device) for name, value in
+                   self.auxiliary_losses(prefill.rho_for_losses, num_tokens).items()}
             result.loss = (
                 outputs.loss
                 + self.config.qtsplus_lambda_flops * aux["flops_loss"]
@@ -1170,7 +1270,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
                 + self.config.qtsplus_lambda_smooth * aux["smooth_loss"]
             )
             for name, value in self.selection_losses(prefill).items():
-                aux[name] = value
+                aux[name] = value = value.to(outputs.loss.device)
                 result.loss = result.loss + getattr(self.config, f"qtsplus_lambda_{name.removesuffix('_loss')}") * value
             for name, value in aux.items():
                 setattr(result, name, value)
@@ -1253,18 +1353,27 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
     # -- conversion and saving -------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def initialize_selector_from_language_model(self) -> None:
-        """The paper's recipe: scoring and re-encode attention copied from LM decoder layers 0, 1, ...
+    def initialize_selector_from_language_model(self, scheme: str = "identity") -> None:
+        """Copy the selector's attention from LM decoder layers (q/k/v/o; q_norm and kv_norm from
+        `input_layernorm`, ffn_norm from `post_attention_layernorm`; the GELU feed-forward has no LM counterpart).
 
-        q/k/v/o and the norms come from the decoder layer (q_norm and kv_norm from `input_layernorm`, ffn_norm from
-        `post_attention_layernorm`); the GELU feed-forward has no LM counterpart and keeps its initialisation.
-        The re-encoder's residual outputs are zeroed afterwards, so the model still equals the stock one.
+        `scheme` (`INIT_SCHEMES`):
+            `"identity"` (this project's): scoring layer i and re-encode layer i from decoder layer i, then the
+            re-encoder's residual outputs (o_proj, the feed-forward's output) zeroed, so the converted model equals
+            the stock one at keep ratio 1.0 and training starts from it.
+            `"released"` (the released code's): every scoring layer from the last decoder layer, re-encode layer i
+            from decoder layer i, o_proj kept and the feed-forward at its random initialisation, so the re-encoder
+            changes the kept tokens from the start.
+        The relevance embedding (this project's; the released model has none) starts at zero in both.
         """
+        if scheme not in INIT_SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(INIT_SCHEMES)}, got {scheme!r}")
         decoder_layers = self.model.language_model.layers
-        pairs = [(layer, i) for i, layer in enumerate(self.qtsplus.scoring_layers)]
+        last = len(decoder_layers) - 1
+        pairs = [(layer, last if scheme == "released" else i) for i, layer in enumerate(self.qtsplus.scoring_layers)]
         pairs += [(layer.core, i) for i, layer in enumerate(self.qtsplus.reencode_layers)]
         for target, index in pairs:
-            source = decoder_layers[index % len(decoder_layers)]
+            source = decoder_layers[min(index, last) if scheme == "released" else index % len(decoder_layers)]
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 getattr(target, name).load_state_dict(getattr(source.self_attn, name).state_dict())
             target.q_norm.weight.copy_(source.input_layernorm.weight)
@@ -1273,25 +1382,42 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         if self.qtsplus.relevance_embedding is not None:
             self.qtsplus.relevance_embedding.proj.weight.zero_()
         for layer in self.qtsplus.reencode_layers:
-            layer.core.o_proj.weight.zero_()
-            layer.core.ffn.net[2].weight.zero_()
-            layer.core.ffn.net[2].bias.zero_()
+            output = layer.core.ffn.net[2]
+            if scheme == "released":
+                output.weight.normal_(std=self.config.text_config.initializer_range)
+                output.bias.zero_()
+            else:
+                layer.core.o_proj.weight.zero_()
+                output.weight.zero_()
+                output.bias.zero_()
 
     @classmethod
     def from_qwen2_5_vl(
-        cls, model_or_path: "Qwen2_5_VLForConditionalGeneration | str", **config_overrides
+        cls, model_or_path: "Qwen2_5_VLForConditionalGeneration | str", recipe: str | None = None,
+        init_scheme: str | None = None, **config_overrides,
     ) -> "QTSplusQwen2_5_VLForConditionalGeneration":
         """Wrap a stock Qwen2.5-VL (an in-memory model, a local directory or a Hub id) into a QTSplus model.
 
         All stock weights are copied (an in-memory model is left untouched; one loaded here is handed over without a
-        copy); the selector is initialised from LM decoder layers with zero re-encoder residuals, so with
+        copy); the selector is initialised from LM decoder layers (`initialize_selector_from_language_model`). With
+        the default `init_scheme="identity"` the re-encoder residuals start at zero, so with
         `qtsplus_keep_ratio=1.0` the logits equal the stock model's (position mode `"mrope"`; `"sequential"` changes
-        the positions the LM sees). `config_overrides` set `qtsplus_*` fields (for
-        example `qtsplus_max_tokens=1024`); `qtsplus_base_model` defaults to the stock model's Hub id, if it has one.
+        the positions the LM sees). `config_overrides` set `qtsplus_*` fields (for example
+        `qtsplus_max_tokens=1024`); `qtsplus_base_model` defaults to the stock model's Hub id, if it has one.
+        `recipe="released"`: the settings of the released QTSplus-3B training script (`RECIPES["released"]`, which
+        explicit overrides still replace) and, unless `init_scheme` says otherwise, the released initialisation.
         """
         unknown = sorted(key for key in config_overrides if not key.startswith("qtsplus_"))
         if unknown:
             raise ValueError(f"from_qwen2_5_vl only takes qtsplus_* overrides, got {unknown}")
+        if recipe is not None:
+            if recipe not in RECIPES:
+                raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+            config_overrides = {**RECIPES[recipe], **config_overrides}
+            init_scheme = init_scheme or recipe
+        init_scheme = init_scheme or "identity"
+        if init_scheme not in INIT_SCHEMES:
+            raise ValueError(f"init_scheme must be one of {', '.join(INIT_SCHEMES)}, got {init_scheme!r}")
         stock = model_or_path
         if not isinstance(stock, Qwen2_5_VLForConditionalGeneration):
             # The stock class knows the legacy key layouts of Hub checkpoints (`visual.*`, `model.layers.*`).
@@ -1328,7 +1454,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             raise ValueError(f"checkpoint does not fit Qwen2.5-VL: missing {sorted(missing)}, unexpected "
                              f"{sorted(unexpected)}, mismatched {sorted(loading['mismatched_keys'])}")
         model.to(stock.device)
-        model.initialize_selector_from_language_model()
+        model.initialize_selector_from_language_model(init_scheme)
         model.generation_config = copy.deepcopy(stock.generation_config)
         return model.train() if stock.training else model.eval()
 

@@ -14,6 +14,15 @@ from transformers.feature_extraction_utils import BatchFeature
 MULTIPLE_CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 
+def chat_turn_settings(tokenizer) -> dict:
+    """The `QTSplusConfig` fields with which a model finds the user turns in `tokenizer`'s chat format when it gets
+    no `qtsplus_query_mask`: `qtsplus_user_turn_ids` (the ids of `<|im_start|>user\n`) and `qtsplus_turn_end_id`."""
+    return {
+        "qtsplus_user_turn_ids": tokenizer.encode("<|im_start|>user\n", add_special_tokens=False),
+        "qtsplus_turn_end_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    }
+
+
 class QTSplusProcessor(Qwen2_5_VLProcessor):
     r"""
     A [`Qwen2_5_VLProcessor`] whose outputs carry `qtsplus_query_mask` (bool `[batch, seq]`): the text content of the
@@ -61,6 +70,10 @@ class QTSplusProcessor(Qwen2_5_VLProcessor):
                 mask[row, content_start:content_end] = True
         return mask & ~torch.isin(input_ids, vision_ids) & ~self._instruction_tokens(input_ids)
 
+    def chat_turn_settings(self) -> dict:
+        """`chat_turn_settings(self.tokenizer)`."""
+        return chat_turn_settings(self.tokenizer)
+
     def _instruction_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Bool `[batch, seq]`: where `MULTIPLE_CHOICE_INSTRUCTION` occurs as a token sequence."""
         found = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -86,4 +99,4 @@ class QTSplusProcessor(Qwen2_5_VLProcessor):
         return super().model_input_names + ["qtsplus_query_mask"]
 
 
-__all__ = ["MULTIPLE_CHOICE_INSTRUCTION", "QTSplusProcessor"]
+__all__ = ["MULTIPLE_CHOICE_INSTRUCTION", "QTSplusProcessor", "chat_turn_settings"]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from transformers.utils.logging import tqdm
 
 from .tiny import byte_level_tokenizer
 
@@ -389,7 +390,8 @@ def write_synthetic_dataset(
     Rows: `{"video": "videos/<task>_<seed>.mp4", "question", "options": [4 str], "answer": "A".."D", "type",
     "evidence_frames", "fps", "seed"}` with video paths relative to the manifest, so the folder can move.
     `options` are `generate_sample`'s keyword arguments. Load with
-    `datasets.load_dataset("json", data_files=path, split="train")`.
+    `datasets.load_dataset("json", data_files=path, split="train")`. A progress bar goes to stderr (transformers'
+    `tqdm`: off after `transformers.utils.logging.disable_progress_bar()` or with `HF_HUB_DISABLE_PROGRESS_BARS=1`).
     """
     directory = os.fspath(directory)
     seeds = list(seeds)
@@ -400,7 +402,7 @@ def write_synthetic_dataset(
     _check_options(task, **options)  # before any file is written
     os.makedirs(os.path.join(directory, "videos"), exist_ok=True)
     rows = []
-    for sample in iter_samples(seeds, task, **options):
+    for sample in tqdm(iter_samples(seeds, task, **options), total=len(seeds), desc="synthetic videos", unit="video"):
         video = f"videos/{sample.task}_{sample.seed:06d}.mp4"
         write_mp4(os.path.join(directory, video), sample.frames, sample.fps, lossless=lossless)
         rows.append(sample.manifest_row(video))

@@ -6,6 +6,7 @@ runs are the Trainer's own (`torchrun` / `accelerate launch` around `qtsplus tra
 gradient are frozen, so DDP needs no `find_unused_parameters`.
 """
 
+import logging
 import os
 import re
 from collections import defaultdict
@@ -14,8 +15,9 @@ from dataclasses import dataclass, fields
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.utils import logging as transformers_logging
 
-from .configuration_qtsplus import QTSplusConfig
+from .configuration_qtsplus import RECIPES, QTSplusConfig
 from .data import VideoQACollator, VideoQAData, load_video_qa, normalize_row
 from .hub import check_output_folder, save_checkpoint, staged_output_folder
 from .modeling_qtsplus_qwen2_5_vl import QTSplusQwen2_5_VLForConditionalGeneration
@@ -27,6 +29,10 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 # The language model's attention and MLP projections; anchored on `language_model` so the selector's own
 # q/k/v/o projections (trained in full through `modules_to_save`) are not matched.
 LORA_TARGET_MODULES = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+# Recipe fields that size the selector's weights: a trained checkpoint keeps its own.
+LAYER_COUNT_FIELDS = ("qtsplus_num_scoring_layers", "qtsplus_num_reencode_layers")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +66,9 @@ class TrainOptions:
     grounding_weight: float | None = None  # qtsplus_lambda_grounding: rows with evidence_seconds / evidence_boxes
     distill_weight: float | None = None  # qtsplus_lambda_distill: the LM's attention over every token as teacher
     explore_ratio: float | None = None  # qtsplus_explore_ratio: share of dropped tokens kept at random
+    # "released": the released QTSplus-3B training settings (`RECIPES`): τ, the λs and n_max on any checkpoint; the
+    # layer counts too when a stock Qwen2.5-VL is converted (with the released initialisation).
+    recipe: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -76,6 +85,8 @@ class TrainOptions:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.explore_ratio is not None and not 0.0 <= self.explore_ratio < 1.0:
             raise ValueError(f"explore_ratio must be in [0, 1), got {self.explore_ratio}")
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
 
     def selector_signals(self) -> dict[str, float]:
         """The `qtsplus_*` config fields these options set (those given)."""
@@ -84,18 +95,17 @@ class TrainOptions:
         return {field: getattr(self, name) for name, field in fields_of.items() if getattr(self, name) is not None}
 
 
-def load_model_and_processor(path: str) -> tuple[QTSplusQwen2_5_VLForConditionalGeneration, QTSplusProcessor]:
-    """A QTSplus checkpoint, or a stock Qwen2.5-VL one converted on the fly (`from_qwen2_5_vl`), and its processor."""
+def load_model_and_processor(
+    path: str, recipe: str | None = None
+) -> tuple[QTSplusQwen2_5_VLForConditionalGeneration, QTSplusProcessor]:
+    """A QTSplus checkpoint, or a stock Qwen2.5-VL one converted on the fly (`from_qwen2_5_vl`, with `recipe`), and
+    its processor. `recipe` on a QTSplus checkpoint sets the recipe's settings that need no new weights."""
     from transformers import AutoConfig, AutoProcessor
 
     if not os.path.isdir(path):
         raise ValueError(f"model folder not found: {path}")
     config = AutoConfig.from_pretrained(path)
-    if isinstance(config, QTSplusConfig):
-        model = QTSplusQwen2_5_VLForConditionalGeneration.from_pretrained(path)
-    elif config.model_type == "qwen2_5_vl":
-        model = QTSplusQwen2_5_VLForConditionalGeneration.from_qwen2_5_vl(path)
-    else:
+    if not isinstance(config, QTSplusConfig) and config.model_type != "qwen2_5_vl":
         raise ValueError(f"{path} holds a {config.model_type!r} model, not QTSplus or Qwen2.5-VL")
     processor = AutoProcessor.from_pretrained(path)
     if not isinstance(processor, QTSplusProcessor):  # a stock Qwen2.5-VL processor: same parts, plus the mask
@@ -103,6 +113,21 @@ def load_model_and_processor(path: str) -> tuple[QTSplusQwen2_5_VLForConditional
             image_processor=processor.image_processor, video_processor=processor.video_processor,
             tokenizer=processor.tokenizer, chat_template=processor.chat_template,
         )
+    if not isinstance(config, QTSplusConfig):
+        model = QTSplusQwen2_5_VLForConditionalGeneration.from_qwen2_5_vl(
+            path, recipe=recipe, **processor.chat_turn_settings()
+        )
+        return model, processor
+    model = QTSplusQwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    if recipe is not None:
+        settings = RECIPES[recipe]
+        for field in LAYER_COUNT_FIELDS:
+            if settings[field] != getattr(model.config, field):
+                logger.warning("recipe %s: %s stays %s (the checkpoint's weights fix it; the recipe has %s)",
+                               recipe, field, getattr(model.config, field), settings[field])
+        for field, value in settings.items():
+            if field not in LAYER_COUNT_FIELDS:
+                setattr(model.config, field, value)
     return model, processor
 
 
@@ -216,6 +241,9 @@ def training_arguments(
         logging_steps=options.logging_steps,
         # A NaN or infinite loss must show in the logs; the Trainer's default filter would log it as a smaller number.
         logging_nan_inf_filter=False,
+        # The step bar follows transformers' switch (`disable_progress_bar()`, `HF_HUB_DISABLE_PROGRESS_BARS=1`,
+        # `qtsplus train --no-progress`), which the Trainer's own bar ignores; None: the Trainer's default.
+        disable_tqdm=None if transformers_logging.is_progress_bar_enabled() else True,
         save_strategy="no",
         report_to="none",
         seed=options.seed,
@@ -288,7 +316,7 @@ def train(options: TrainOptions, rows: Sequence[dict] | torch.utils.data.Dataset
     alone writes the result.
     """
     check_output_folder(options.output)
-    model, processor = load_model_and_processor(options.model)
+    model, processor = load_model_and_processor(options.model, options.recipe)
     if isinstance(rows, torch.utils.data.Dataset) and not isinstance(rows, (list, tuple)):
         lazy = NormalizedRows(rows, options.video_root)
         data = VideoQAData(rows=lazy, skipped=[], total=len(lazy))

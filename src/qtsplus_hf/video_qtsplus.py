@@ -210,10 +210,5 @@ def load_video_for_processor(
     )
 
 
-def video_duration(metadata: VideoMetadata) -> float:
-    """Seconds covered by the source video."""
-    return float(metadata.duration or metadata.total_num_frames / (metadata.fps or 1.0))
-
-
-__all__ = ["load_video", "load_video_for_processor", "sample_frame_indices", "video_duration"]
+__all__ = ["load_video", "load_video_for_processor", "sample_frame_indices"]
 

@@ -153,7 +153,8 @@ def benchmark(model_path: str, ablations: Sequence[tuple[str, str]] = (), count:
 
     def run(name, evaluated_rows, evaluated_model=model, evaluated_processor=processor, full_tokens=None, **options):
         start = time.perf_counter()
-        result = evaluate_video_qa(evaluated_model, evaluated_processor, evaluated_rows, **options)
+        result = evaluate_video_qa(evaluated_model, evaluated_processor, evaluated_rows, progress_desc=f"eval {name}",
+                                   **options)
         metrics = result.metrics
         if full_tokens is not None:  # a shortened video: kept share of the whole video's tokens
             metrics["mean_kept_ratio"] = float(np.mean(
@@ -365,7 +366,10 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=500, help="held-out videos (a multiple of 4)")
     parser.add_argument("--seed-start", type=int, default=HELD_OUT_SEED_START)
     parser.add_argument("--output", required=True, help="the markdown file to write")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     args = parser.parse_args(argv)
+    if args.no_progress:
+        transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)  # like training: on a shared machine, one thread gives steadier latencies
     try:
         if args.count < len(TASKS) or args.count % len(TASKS):

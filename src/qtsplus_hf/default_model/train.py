@@ -23,11 +23,13 @@ import time
 from dataclasses import dataclass
 
 import torch
+import transformers
 
 from ..data import normalize_row
 from ..evaluation import evaluate_video_qa
 from ..hub import save_checkpoint
 from ..modeling_qtsplus_qwen2_5_vl import QTSplusQwen2_5_VLForConditionalGeneration
+from ..processing_qtsplus import chat_turn_settings
 from ..synthetic import TASKS, generate_sample, synthetic_tokenizer
 from ..tiny import tiny_processor, tiny_qtsplus_config
 from ..training import TrainOptions, load_model_and_processor, train
@@ -101,6 +103,7 @@ def tiny_model_config(num_reencode_layers: int = 1, **overrides):
             bos_token_id=0, eos_token_id=2, pad_token_id=0,
         ),
         qtsplus_num_reencode_layers=num_reencode_layers,
+        **chat_turn_settings(tokenizer),
         **{**MODEL_SETTINGS, **overrides},
     )
     return config, tokenizer
@@ -152,10 +155,10 @@ def held_out_rows(count: int, seconds: int = VIDEO_SECONDS, start: int = HELD_OU
 
 
 def held_out_accuracy(directory: str, count: int, seconds: int, keep_ratio: float | None,
-                      tasks: tuple[str, ...] = TASKS) -> dict:
+                      tasks: tuple[str, ...] = TASKS, progress_desc: str = "eval held-out") -> dict:
     model, processor = load_model_and_processor(directory)
     rows = held_out_rows(count, seconds, tasks=tasks)
-    metrics = evaluate_video_qa(model, processor, rows, keep_ratio=keep_ratio).metrics
+    metrics = evaluate_video_qa(model, processor, rows, keep_ratio=keep_ratio, progress_desc=progress_desc).metrics
     shown = {"accuracy": metrics["accuracy"], "mean_kept_ratio": metrics["mean_kept_ratio"]}
     shown.update({task: metrics[f"accuracy/{task}"] for task in tasks})
     # What the selector does with the question: the asked object top-scored under its own / another question.
@@ -201,7 +204,8 @@ def train_default_model(
             result = train(options, rows=rows)
             seconds = time.perf_counter() - start
             losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
-            accuracy = held_out_accuracy(folder, eval_count, stage.seconds, stage.keep_ratio, stage.tasks)
+            accuracy = held_out_accuracy(folder, eval_count, stage.seconds, stage.keep_ratio, stage.tasks,
+                                         progress_desc=f"eval {stage.name}")
             summary = {"stage": stage.name, "steps": steps, "train_seconds": round(seconds, 1),
                        "last_logged_loss": losses[-1] if losses else None, "held_out": accuracy}
             log(json.dumps(summary))
@@ -232,7 +236,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (pilots)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--eval-count", type=int, default=64, help="held-out videos evaluated after each stage")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     args = parser.parse_args(argv)
+    if args.no_progress:
+        transformers.utils.logging.disable_progress_bar()
     # One thread: on a shared 2-core machine two intra-op threads spin against other processes and a step took
     # 2-20x longer (measured); the tiny model gains little from a second thread anyway.
     torch.set_num_threads(args.threads)
