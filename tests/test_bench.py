@@ -33,7 +33,12 @@ def test_bench_writes_every_field_and_a_plot(tmp_path, capsys):
         "bench", "--config", "small", "--frames", "4,2", "--resolution", "56", "--repeats", "1", "--new-tokens", "2",
         "--vision-chunk-frames", "2", "--json", str(report_path), "--plot", str(plot_path),
     ])
-    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    # One bar per frame count on stderr (3 variants x (1 timed run + 1 memory measurement)); stdout: one line each.
+    assert "bench 2 frames: 100%" in captured.err and "bench 4 frames: 100%" in captured.err
+    assert captured.err.count("6/6") >= 2
+    assert [line.split(" frames,")[0].strip() for line in captured.out.splitlines()] == ["2", "4"]
     report = json.loads(report_path.read_text())
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["settings"]["frames"] == [2, 4] and report["settings"]["fixed_keep_ratio"] == FIXED_KEEP_RATIO
@@ -106,3 +111,16 @@ def test_analytic_selector_flops_match_torch_flop_counter():
     costs = analytic_costs(config, vision_tokens=200, kept_tokens=kept, text_tokens=9, question_tokens=7)
     # The counter has no formula for the CPU flash-attention kernel of the re-encoder: add its 4 n^2 D by hand.
     assert counter.get_total_flops() + 4 * kept * kept * 64 == costs["selector_flops"]
+
+
+def test_bench_pipeline_batch_sizes_report_throughput_of_identical_results(tmp_path, capsys):
+    """`qtsplus bench --pipeline-batch-sizes`: the bundled model's pipeline at batch 1 and 2 on the same videos; the
+    run itself fails if batching changes an answer or a selection."""
+    from qtsplus_hf.cli import main
+
+    report_path = tmp_path / "pipeline.json"
+    assert main(["bench", "--pipeline-batch-sizes", "2,1", "--pipeline-videos", "3", "--repeats", "1",
+                 "--json", str(report_path), "--no-progress"]) == 0
+    report = json.loads(report_path.read_text())
+    assert [row["batch_size"] for row in report["rows"]] == [1, 2] and report["videos"] == 3
+    assert capsys.readouterr().out.count("videos/s") == 2

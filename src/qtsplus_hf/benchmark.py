@@ -102,7 +102,8 @@ class BenchSettings:
 
 @contextmanager
 def quiet_progress_bars():
-    """transformers' weight loading / saving bars, one per memory process, would bury the bench's own lines."""
+    """transformers' weight loading / saving bars, one per memory process, would bury the bench's own lines and
+    progress bars (which `run_bench` creates outside this, so they follow the caller's setting)."""
     enabled = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
     try:
@@ -501,16 +502,22 @@ def run_bench(settings: BenchSettings, model_dir: str | None = None, config_name
                 settings.device, settings.dtype,
             )
             samples = {variant: [] for variant in VARIANTS}
-            for _ in range(settings.repeats):  # A/B/C/A/B/C: drifting machine load hits every variant alike
+            # One step per timed run and per variant's memory measurement; closed before `log` prints the row.
+            with transformers.utils.logging.tqdm(total=(settings.repeats + 1) * len(VARIANTS), unit="run",
+                                                 desc=f"bench {frames} frames") as bar:
+                for _ in range(settings.repeats):  # A/B/C/A/B/C: drifting machine load hits every variant alike
+                    for variant in VARIANTS:
+                        samples[variant].append(timed_run(models[variant], inputs, variant, settings))
+                        bar.update()
+                row = {"frames": frames,
+                       "vision_tokens": int((inputs["input_ids"] == stock.config.video_token_id).sum())}
                 for variant in VARIANTS:
-                    samples[variant].append(timed_run(models[variant], inputs, variant, settings))
-            row = {"frames": frames, "vision_tokens": int((inputs["input_ids"] == stock.config.video_token_id).sum())}
-            for variant in VARIANTS:
-                row[variant] = median_row(samples[variant])
-                row[variant].update(
-                    measure_peak_memory(source, models[variant], inputs, variant, frames, settings),
-                    vision_output_bytes=vision_output_bytes(models[variant], inputs),
-                )
+                    row[variant] = median_row(samples[variant])
+                    row[variant].update(
+                        measure_peak_memory(source, models[variant], inputs, variant, frames, settings),
+                        vision_output_bytes=vision_output_bytes(models[variant], inputs),
+                    )
+                    bar.update()
             for variant in VARIANTS[1:]:
                 row[variant]["selector_compaction_share"] = (
                     row[variant]["selector_compaction_seconds"] / row[variant]["total_seconds"]
@@ -640,3 +647,44 @@ def profile_selector(num_tokens: int = 50_000, hidden_size: int = 2048, question
         "peak_rss_delta_bytes": peak,
         "video_features_bytes": video.numel() * video.element_size(),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the pipeline, batched
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def pipeline_throughput(batch_sizes: Sequence[int], videos: int = 16, repeats: int = 3, model_dir: str | None = None,
+                        seed: int = 0, max_new_tokens: int = 4) -> dict:
+    """Videos per second of `pipeline("video-text-to-text")` at each batch size, on the same `videos` synthetic
+    32-second videos and questions (the bundled default model unless `model_dir`): medians of `repeats` passes,
+    the batch sizes alternating within each repeat. Raises if a batch size changes any answer or selection."""
+    from transformers import AutoModel, AutoProcessor, pipeline
+
+    from .default_model import HELD_OUT_SEED_START, default_model_path, synthetic_options
+    from .synthetic import generate_sample
+
+    folder = model_dir or default_model_path()
+    model = AutoModel.from_pretrained(folder).eval()
+    pipe = pipeline("video-text-to-text", model=model, processor=AutoProcessor.from_pretrained(folder))
+    samples = [generate_sample(HELD_OUT_SEED_START + seed + index, **synthetic_options()) for index in range(videos)]
+    inputs = [{"video": sample.frames, "text": sample.question} for sample in samples]
+    settings = {"max_new_tokens": max_new_tokens, "do_sample": False}
+    pipe(inputs[:2], batch_size=2, **settings)  # warm-up
+    seconds = {size: [] for size in batch_sizes}
+    results = {}
+    for _ in range(repeats):
+        for size in batch_sizes:
+            start = time.perf_counter()
+            results[size] = pipe(inputs, batch_size=size, **settings)
+            seconds[size].append(time.perf_counter() - start)
+    reference = [(r["generated_text"], r["qtsplus"]["kept"]) for r in results[batch_sizes[0]]]
+    for size in batch_sizes[1:]:
+        if [(r["generated_text"], r["qtsplus"]["kept"]) for r in results[size]] != reference:
+            raise RuntimeError(f"batch size {size} changed an answer or a selection")
+    rows = [{"batch_size": size, "seconds": statistics.median(seconds[size]),
+             "videos_per_second": videos / statistics.median(seconds[size])} for size in batch_sizes]
+    for row in rows:
+        row["speedup"] = row["videos_per_second"] / rows[0]["videos_per_second"]
+    return {"videos": videos, "repeats": repeats, "model": folder, "threads": torch.get_num_threads(), "rows": rows}
