@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from conftest import CACHE_KWARG
 
@@ -136,17 +137,36 @@ def test_rope_deltas_continue_after_the_stock_positions_when_the_last_patch_is_d
     assert int(next_position) == int(stock_positions.max()) + 1
 
 
+class PreferToken(LogitsProcessor):
+    """Adds 100 to one token's logit (an early end of sequence, on demand)."""
+
+    def __init__(self, token_id: int) -> None:
+        self.token_id = token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        scores[:, self.token_id] += 100.0
+        return scores
+
+
 @pytest.mark.parametrize("limit", ["max_length", "min_length"])
 def test_length_limits_count_the_callers_prompt(converted_model, stock_model, two_sample_batch, limit):
     from conftest import stock_inputs
 
     prompt = two_sample_batch["input_ids"].shape[1]
     settings = {"max_length": prompt + 5} if limit == "max_length" else {"min_length": prompt + 5, "max_new_tokens": 8}
-    out = converted_model.generate(**two_sample_batch, qtsplus_keep_ratio=0.25, do_sample=False, **settings)
     if limit == "max_length":
+        out = converted_model.generate(**two_sample_batch, qtsplus_keep_ratio=0.25, do_sample=False, **settings)
         assert out.shape[1] == prompt + 5
     else:
-        assert out.shape[1] >= prompt + 5
+        # The end-of-sequence token pushed to the top at every step: it is blocked until the caller's prompt + 5
+        # tokens, then comes at once (counting the compacted prompt instead would block it for the dropped tokens).
+        eos = converted_model.generation_config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        out = converted_model.generate(**two_sample_batch, qtsplus_keep_ratio=0.25, do_sample=False,
+                                       logits_processor=LogitsProcessorList([PreferToken(eos)]), **settings)
+        assert out.shape[1] == prompt + 6
+        assert (out[:, -1] == eos).all() and not (out[:, prompt:-1] == eos).any()
     # and with nothing dropped, exactly the stock behaviour, a prompt-aware logits processor included
     expected = stock_model.generate(**stock_inputs(two_sample_batch), do_sample=False, repetition_penalty=1.3,
                                     no_repeat_ngram_size=2, **settings)

@@ -1,6 +1,7 @@
 """save_pretrained writes a folder that loads with trust_remote_code where qtsplus_hf cannot be imported."""
 
 import ast
+import copy
 import json
 import os
 import subprocess
@@ -40,11 +41,31 @@ def test_saved_folder_has_remote_code_and_auto_map(converted_model, tmp_path):
         assert third_party <= {"torch", "transformers"}, (name, third_party)
 
 
+def trained_looking(model):
+    """A copy whose selector has no zero branch (re-encoder residuals, time embedding, budget head all non-zero),
+    so a selector weight that failed to load would change the outputs."""
+    model = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.qtsplus.named_parameters():
+            if parameter.dim() > 1:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
 def test_reload_in_a_process_that_cannot_import_the_package(converted_model, two_sample_batch, tmp_path):
-    converted_model.save_pretrained(tmp_path / "model")
+    model = trained_looking(converted_model)
+    core = model.qtsplus.reencode_layers[0].core
+    assert core.o_proj.weight.any() and model.qtsplus.time_embedding is not None
+    model.save_pretrained(tmp_path / "model")
     torch.save(two_sample_batch, tmp_path / "batch.pt")
-    settings = dict(max_new_tokens=5, do_sample=False, qtsplus_keep_ratio=0.5)
-    expected = converted_model.generate(**two_sample_batch, **settings)
+    settings = dict(max_new_tokens=5, do_sample=False)  # the predicted budget: the budget head decides n
+    expected = model.generate(**two_sample_batch, **settings)
+    with torch.no_grad():
+        expected_logits = model(**two_sample_batch).logits
+    assert model.select(**two_sample_batch).num_kept != [
+        int(n) for n in (two_sample_batch["input_ids"] == model.config.video_token_id).sum(-1)
+    ]  # tokens really dropped
     script = textwrap.dedent(
         f"""
         import sys, torch
@@ -59,6 +80,8 @@ def test_reload_in_a_process_that_cannot_import_the_package(converted_model, two
         model.config._attn_implementation = "eager"
         print(type(model).__module__.split(".")[0], type(model).__name__)
         print(model.generate(**batch, **{settings!r}).tolist())
+        with torch.no_grad():
+            torch.save(model(**batch).logits, {str(tmp_path / "logits.pt")!r})
         """
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
@@ -68,6 +91,7 @@ def test_reload_in_a_process_that_cannot_import_the_package(converted_model, two
     module_root, class_name = names.split()
     assert (module_root, class_name) == ("transformers_modules", "QTSplusQwen2_5_VLForConditionalGeneration")
     assert json.loads(tokens) == expected.tolist()
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected_logits)
 
 
 def test_from_pretrained_of_a_stock_checkpoint_gives_an_identity_reencoder(stock_model, tmp_path):

@@ -166,3 +166,20 @@ def test_training_gate_budget_is_capped_by_n_max():
     threshold = soft_threshold(scores, rho, video_mask, 0.1, max_tokens=4)
     soft_mass = torch.sigmoid((scores - threshold[:, None]) / 0.1).sum()
     torch.testing.assert_close(soft_mass, torch.tensor(4.0), atol=1e-3, rtol=0)
+
+
+def test_predicted_budget_is_the_budget_head_on_the_question_and_the_score_statistics():
+    """ρ by hand: ρ_min + (ρ_max − ρ_min)·σ(MLP([mean question, log M, max r, H(r / Σr)])), per video of a padded
+    batch (M, the entropy and the question mean over each video's own tokens), then n = min(⌈ρM⌉, n_max)."""
+    selector = make_selector(qtsplus_rho_min=0.05, qtsplus_rho_max=0.9, qtsplus_max_tokens=30)
+    video, video_mask, query, query_mask, seconds = padded_videos([40, 9], [4, 2])
+    keep, _, rho, scores = selector(video, video_mask, query, query_mask, seconds)
+    head = selector.budget.mlp
+    for v, (length, question) in enumerate([(40, 4), (9, 2)]):
+        r = scores[v, :length]
+        p = r / r.sum()
+        features = torch.cat([query[v, :question].mean(0),
+                              torch.stack([torch.tensor(length).float().log(), r.max(), -(p * p.log()).sum()])])
+        expected = 0.05 + 0.85 * torch.sigmoid(head(features)).squeeze()
+        torch.testing.assert_close(rho[v], expected, atol=1e-6, rtol=0)
+        assert int(keep[v].sum()) == min(math.ceil(float(expected) * length), 30)
