@@ -155,7 +155,33 @@ def test_lora_mode_changes_only_lora_and_selector_and_round_trips(qa_folder, tin
     torch.testing.assert_close(torch.load(tmp_path / "merged_logits.pt"), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_cli_train_lora_with_merge_and_gradient_checkpointing(qa_folder, tiny_checkpoint, tmp_path, capsys):
+@pytest.fixture
+def lm_attention_calls(monkeypatch):
+    """Every training-mode call of the first LM decoder layer's attention in the model handed to the Trainer (the
+    dtype of its output), and that model. The attention runs inside the checkpointed layer: once per forward pass,
+    and once more in the backward pass when checkpointing recomputes the layer (transformers keeps the layer's own
+    hooks outside; the MLP, last in the layer, is where early-stopping recomputation ends without returning)."""
+    from types import SimpleNamespace
+
+    import qtsplus_hf.training as training
+
+    seen = SimpleNamespace(dtypes=[], models=[])
+    build = training.build_trainer
+
+    def build_and_watch(model, *args, **kwargs):
+        attention = next(module for name, module in model.named_modules()
+                         if name.endswith("language_model.layers.0.self_attn"))
+        attention.register_forward_hook(
+            lambda module, _, output: seen.dtypes.append(output[0].dtype) if module.training else None)
+        seen.models.append(model)
+        return build(model, *args, **kwargs)
+
+    monkeypatch.setattr(training, "build_trainer", build_and_watch)
+    return seen
+
+
+def test_cli_train_lora_with_merge_and_gradient_checkpointing(qa_folder, tiny_checkpoint, tmp_path, capsys,
+                                                              lm_attention_calls):
     from peft import PeftModel
     from transformers import AutoModel
 
@@ -164,6 +190,8 @@ def test_cli_train_lora_with_merge_and_gradient_checkpointing(qa_folder, tiny_ch
                  str(qa_folder), "--output", str(output), "--mode", "lora", "--max-steps", "2", "--batch-size", "2",
                  "--gradient-checkpointing", "--merge", "--lora-r", "4"])
     assert code == 0
+    calls = len(lm_attention_calls.dtypes)
+    assert calls == 2 * 2  # 2 steps: forward + recomputation in backward (1 per step without)
     assert "trained on 8 rows (0 skipped), mode lora" in capsys.readouterr().out
     assert os.path.isfile(output / "adapter" / "adapter_model.safetensors")
     merged = AutoModel.from_pretrained(output, trust_remote_code=True)
@@ -173,15 +201,63 @@ def test_cli_train_lora_with_merge_and_gradient_checkpointing(qa_folder, tiny_ch
         torch.testing.assert_close(merged.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
 
 
+# Runs `qtsplus train` (argv[2:]) under torchrun, recording per rank into argv[1]: every file it opens for writing
+# and every rename under the output's parent folder (Python's audit hooks), the videos of each training batch, and
+# the trained parameters.
+TORCHRUN_DRIVER = """
+import json, os, sys
+import torch
+import qtsplus_hf.training as training
+from qtsplus_hf.cli import main
+
+record, rank, parent = sys.argv[1], os.environ["RANK"], os.path.dirname(os.path.abspath(sys.argv[1]))
+writes, batches = [], []
+
+def audit(event, args):
+    if event == "open" and isinstance(args[0], str) and not args[0].startswith(record):
+        mode, flags = args[1], args[2]
+        writing = any(c in mode for c in "wax+") if mode else bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        if writing and os.path.abspath(args[0]).startswith(parent):
+            writes.append(["write", os.path.abspath(args[0])])
+    elif event == "os.rename" and os.path.abspath(str(args[1])).startswith(parent):
+        writes.append(["rename", os.path.abspath(str(args[0])), os.path.abspath(str(args[1]))])
+
+sys.addaudithook(audit)
+compute_loss, trainer_train = training.QTSplusTrainer.compute_loss, training.QTSplusTrainer.train
+
+def recorded_loss(self, model, inputs, *args, **kwargs):
+    if model.training:
+        batches.append(float(inputs["pixel_values_videos"].double().sum()))
+    return compute_loss(self, model, inputs, *args, **kwargs)
+
+def recorded_train(self, *args, **kwargs):
+    outcome = trainer_train(self, *args, **kwargs)
+    model = self.accelerator.unwrap_model(self.model)
+    torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, os.path.join(record, rank + ".pt"))
+    return outcome
+
+training.QTSplusTrainer.compute_loss, training.QTSplusTrainer.train = recorded_loss, recorded_train
+code = main(sys.argv[2:])
+with open(os.path.join(record, rank + ".json"), "w") as handle:
+    json.dump({"writes": writes, "batches": batches}, handle)
+sys.exit(code)
+"""
+
+
 def test_torchrun_two_processes_write_one_complete_checkpoint(qa_folder, tiny_checkpoint, tmp_path):
     """DDP on the CPU (gloo): nothing extra from the project, no unused-parameter error with activation
-    checkpointing and a fixed keep ratio, and only the main process writes the output."""
-    output = tmp_path / "ddp"
+    checkpointing and a fixed keep ratio; the two processes train on different rows into equal replicas, and only the
+    main process writes the output."""
+    from safetensors.torch import load_file
+
+    output, record = tmp_path / "ddp", tmp_path / "record"
+    record.mkdir()
+    (tmp_path / "driver.py").write_text(TORCHRUN_DRIVER)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-        "-m", "qtsplus_hf.cli", "train", "--model", tiny_checkpoint, "--data", str(qa_folder / "train.jsonl"),
-        "--video-root", str(qa_folder), "--output", str(output), "--mode", "selector", "--max-steps", "2",
-        "--gradient-checkpointing", "--keep-ratio", "0.5",
+        str(tmp_path / "driver.py"), str(record), "train", "--model", tiny_checkpoint, "--data",
+        str(qa_folder / "train.jsonl"), "--video-root", str(qa_folder), "--output", str(output), "--mode", "selector",
+        "--max-steps", "2", "--gradient-checkpointing", "--keep-ratio", "0.5",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -189,12 +265,30 @@ def test_torchrun_two_processes_write_one_complete_checkpoint(qa_folder, tiny_ch
     assert finished.stdout.count("trained on 8 rows") == 2  # both processes trained
     assert {"config.json", "model.safetensors", "processor_config.json"} <= set(os.listdir(output))
     assert [name for name in os.listdir(tmp_path) if name.startswith(".qtsplus-")] == []
+    ranks = [json.loads((record / f"{rank}.json").read_text()) for rank in "01"]
+    # Rank 1 opens nothing for writing and renames nothing; rank 0 writes into one folder and renames it into place.
+    assert ranks[1]["writes"] == []
+    [(_, staging, renamed)] = [event for event in ranks[0]["writes"] if event[0] == "rename"]
+    written = {os.path.dirname(event[1]) for event in ranks[0]["writes"] if event[0] == "write"}
+    assert renamed == str(output) and written == {staging}
+    # Each process trained on its own rows (2 steps of one row), yet the replicas end equal: gradients were averaged.
+    assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == 2
+    assert not set(ranks[0]["batches"]) & set(ranks[1]["batches"])
+    replicas = [torch.load(record / f"{rank}.pt") for rank in "01"]
+    initial = load_file(os.path.join(tiny_checkpoint, "model.safetensors"))
+    saved = load_file(output / "model.safetensors")
+    assert any(not torch.equal(tensor, initial[name]) for name, tensor in replicas[0].items())
+    for name, tensor in replicas[0].items():
+        assert torch.equal(tensor, replicas[1][name]) and torch.equal(tensor, saved[name]), name
 
 
-def test_bf16_training_runs_on_this_device(qa_folder, tiny_checkpoint, tmp_path):
+def test_bf16_training_runs_on_this_device(qa_folder, tiny_checkpoint, tmp_path, lm_attention_calls):
     result = train(options_for(qa_folder, tiny_checkpoint, tmp_path, mode="lora", bf16=True, max_steps=2))
     losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert lm_attention_calls.dtypes == [torch.bfloat16] * 2  # autocast inside the LM, one forward per step
+    [model] = lm_attention_calls.models  # the float32 checkpoint stays float32: its trained weights are the master
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
 
 
 def test_a_bf16_checkpoint_trains_its_selector_in_float32(qa_folder, tiny_checkpoint, tmp_path):
@@ -226,7 +320,6 @@ def test_eval_accuracy_matches_a_hand_count(qa_folder, tiny_checkpoint, tmp_path
         correct = "ABCD"[int(logits[letter_ids].argmax())] == row["answer"]
         hand["all"].append(correct)
         hand[row["type"]].append(correct)
-    assert 0.0 <= result.metrics["accuracy"] <= 1.0
     assert result.metrics["accuracy"] == sum(hand["all"]) / len(rows)
     for kind in TYPES:
         assert result.metrics[f"accuracy/{kind}"] == sum(hand[kind]) / len(hand[kind])
@@ -268,16 +361,24 @@ def test_free_form_eval_matches_greedy_decoding_by_hand(qa_folder, tiny_checkpoi
 
 
 def test_cli_eval_writes_a_table_and_json(qa_folder, tiny_checkpoint, tmp_path, capsys):
+    model, processor = load_model_and_processor(tiny_checkpoint)
+    # Answers A, B, C, D: a random model that favours one letter still gets one right.
+    rows = load_video_qa(str(qa_folder / "train.jsonl"), str(qa_folder)).rows[:4]
+    letter_ids = option_letter_token_ids(processor.tokenizer, len(OPTIONS))
+    with torch.no_grad():  # by hand: the letter logits at the first answer position, at the predicted budget
+        letters = ["ABCD"[int(model.eval()(**VideoQACollator(processor, with_answers=False)([row])).logits[
+            0, -1, letter_ids].argmax())] for row in rows]
     out = tmp_path / "eval.json"
     code = main(["eval", "--model", tiny_checkpoint, "--data", str(qa_folder / "train.jsonl"), "--video-root",
-                 str(qa_folder), "--limit", "3", "--json", str(out)])
+                 str(qa_folder), "--limit", "4", "--json", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert report["metrics"]["count"] == 3 and len(report["predictions"]) == 3
+    assert report["metrics"]["count"] == 4 and len(report["predictions"]) == 4
     assert "accuracy" in printed and "mean_latency_s" in printed
-    hand = sum(p["prediction"] == p["answer"] for p in report["predictions"]) / 3
-    assert report["metrics"]["accuracy"] == hand
+    assert [p["prediction"] for p in report["predictions"]] == letters
+    assert [p["answer"] for p in report["predictions"]] == [row["answer"] for row in rows]
+    assert report["metrics"]["accuracy"] == sum(a == row["answer"] for a, row in zip(letters, rows)) / 4
 
 
 def test_cli_eval_progress_bar_goes_to_stderr_and_no_progress_removes_it(qa_folder, tiny_checkpoint, tmp_path,
