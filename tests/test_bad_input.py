@@ -67,3 +67,13 @@ def test_select_without_video(converted_model, two_sample_batch):
     batch.pop("pixel_values_videos")
     with pytest.raises(ValueError, match="select\\(\\) needs pixel_values_videos"):
         converted_model.select(**batch)
+
+
+def test_pre_encoded_videos_cannot_skip_the_selector(converted_model, two_sample_batch):
+    features = converted_model.model.get_video_features(two_sample_batch["pixel_values_videos"],
+                                                        two_sample_batch["video_grid_thw"])
+    with_pixels = dict(two_sample_batch, mm_encoder_outputs={"video": features})
+    without_pixels = {key: value for key, value in with_pixels.items() if key != "pixel_values_videos"}
+    for batch in (with_pixels, without_pixels):
+        with pytest.raises(ValueError, match="cannot pass through the QTSplus selector"):
+            converted_model(**batch)

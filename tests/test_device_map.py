@@ -92,7 +92,8 @@ def test_every_selector_layer_runs_as_a_module(saved_model):
     handles = [model.get_submodule(name).register_forward_pre_hook(record(name)) for name in SELECTOR_LAYERS]
     try:
         with torch.no_grad():
-            model(**video_prompt_batch([[(4, 4, 4)]], [4], every_part_config()))
+            # Videos of two lengths: the selector pads, so its layers take key masks (one unpadded video needs none).
+            model(**video_prompt_batch([[(4, 4, 4), (2, 4, 4)]], [4], every_part_config()))
     finally:
         for handle in handles:
             handle.remove()

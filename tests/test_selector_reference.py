@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from qtsplus_hf.modeling_qtsplus_qwen2_5_vl import IGNORE_INDEX, QTSplusSelector
+from qtsplus_hf.modeling_qtsplus_qwen2_5_vl import IGNORE_INDEX, QTSplusRMSNorm, QTSplusSelector
 from qtsplus_hf.tiny import IMAGE_ID, VIDEO_ID, VISION_END_ID, VISION_START_ID, tiny_qtsplus_config, video_prompt_batch
 
 
@@ -93,6 +93,56 @@ def test_selector_equals_the_plain_reference(num_scoring_layers, block_size):
     torch.testing.assert_close(kept, ref_kept, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grad", [False, True])  # inference takes in-place steps, training does not
+@pytest.mark.parametrize("lengths", [[40], [40, 40], [40, 23]])
+def test_unpadded_fast_paths_equal_the_plain_reference(monkeypatch, lengths, grad):
+    """No padding (one video, or videos of one length, every question row used): the scoring applies no key mask,
+    the kept tokens are packed without a scatter and the re-encoder's SDPA gets no mask. A padded batch keeps the
+    mask. Both equal the reference."""
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    selector = trained_looking_selector()
+    for module in selector.modules():  # norms of one input that differ in their weights (self-attention)
+        if isinstance(module, QTSplusRMSNorm):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+    generator = torch.Generator().manual_seed(3)
+    videos = len(lengths)
+    video = torch.randn(videos, 40, 64, generator=generator)
+    video_mask = torch.arange(40)[None] < torch.tensor(lengths)[:, None]
+    query = torch.randn(videos, 5, 64, generator=generator)
+    query_mask = torch.ones(videos, 5, dtype=torch.bool)
+    seconds = (torch.arange(40) // 4).float()[None].expand(videos, -1)
+    with torch.set_grad_enabled(grad):
+        keep, kept, _, scores = selector(video, video_mask, query, query_mask, seconds, keep_ratio=0.3)
+    assert (masks[0] is None) == (min(lengths) == max(lengths))
+    with torch.no_grad():
+        ref_scores, ref_keep, ref_kept = reference_selection(
+            selector, video, video_mask, query, query_mask, seconds, keep_ratio=0.3
+        )
+    for v, length in enumerate(lengths):
+        torch.testing.assert_close(scores[v, :length], ref_scores[v], atol=1e-6, rtol=1e-5)
+    assert torch.equal(keep, ref_keep)
+    torch.testing.assert_close(kept, ref_kept, atol=1e-5, rtol=1e-5)
+
+
+def test_time_embedding_equals_the_plain_formula():
+    """It embeds each distinct timestamp once and gathers; the plain formula embeds every token."""
+    embedding = trained_looking_selector().time_embedding
+    seconds = torch.tensor([[0.0, 0.0, 0.5, 0.5, 0.5, 3.0, 7.5], [2.0, 0.0, 2.0, 9.0, 9.0, 0.5, 1.0]])
+    exponent = torch.arange(embedding.num_frequencies, dtype=torch.float32) / embedding.num_frequencies
+    angles = seconds[..., None] * torch.exp(-math.log(10000.0) * exponent)
+    plain = angles.sin() @ embedding.proj.weight[:, : embedding.num_frequencies].T
+    plain = plain + angles.cos() @ embedding.proj.weight[:, embedding.num_frequencies :].T + embedding.proj.bias
+    with torch.no_grad():
+        torch.testing.assert_close(embedding(seconds), plain, atol=1e-5, rtol=1e-5)
+
+
 def image_and_video_batch(config):
     """One row: text, a 4-token image, a 16-token video, a question; the caller's question mask covers the image."""
     batch = video_prompt_batch([[(4, 4, 4)]], [5], config, seed=2)
@@ -163,6 +213,16 @@ def test_labels_stay_out_of_the_question_and_follow_the_compaction(converted_mod
     prefill = converted_model.prepare_qtsplus_inputs(**two_sample_batch, labels=labels, qtsplus_keep_ratio=0.5)
     assert torch.equal(prefill.labels[:, -2:], two_sample_batch["input_ids"][:, -2:])
     assert bool((prefill.labels[:, :-2] == IGNORE_INDEX).all())
+    # The answer never steers the selection, even where the caller's question mask covers it: the scores equal
+    # those of a mask without the labelled tokens, and differ from letting them in.
+    query_mask = two_sample_batch["qtsplus_query_mask"].clone()
+    query_mask[:, -2:] = True
+    with_answer = dict(two_sample_batch, qtsplus_query_mask=query_mask)
+    without_answer = dict(two_sample_batch, qtsplus_query_mask=query_mask & (labels == IGNORE_INDEX))
+    scores = [converted_model.prepare_qtsplus_inputs(**batch, **extra, qtsplus_keep_ratio=0.5).selection.scores
+              for batch, extra in ((with_answer, {"labels": labels}), (without_answer, {}), (with_answer, {}))]
+    assert all(torch.equal(a, b) for a, b in zip(scores[0], scores[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(scores[0], scores[2]))
 
 
 def test_per_call_chunk_override_equals_the_config_setting(converted_model, two_video_batch):

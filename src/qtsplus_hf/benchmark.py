@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +35,10 @@ VARIANTS = ("stock", "qtsplus_predicted", "qtsplus_fixed")
 TIMED_FIELDS = (
     "vision_encoder_seconds", "selector_compaction_seconds", "time_to_first_token_seconds", "total_seconds",
 )
-RATIO_FIELDS = ("prefill_length", "time_to_first_token_seconds", "total_seconds", "peak_memory_bytes", "vision_peak_memory_bytes")
+RATIO_FIELDS = (
+    "prefill_length", "time_to_first_token_seconds", "total_seconds", "peak_memory_bytes", "vision_peak_memory_bytes",
+    "allocated_peak_memory_bytes", "vision_allocated_peak_memory_bytes",
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -303,6 +307,31 @@ def _peak_rss_delta(run: Callable[[], object]) -> int:
     return _proc_status_kib("VmHWM") * 1024 - baseline
 
 
+def allocated_peak_bytes(run: Callable[[], object]) -> int:
+    """Peak of the bytes that torch's CPU allocator holds for tensors during `run`, above what it held before.
+
+    `torch.profiler` with `profile_memory=True` records every CPU tensor allocation and free (size and time); their
+    running sum, in time order, is the live-tensor curve, and its maximum the peak. It depends only on which tensors
+    the code allocates and when, not on the process, the allocator's caches or the machine's load: with one torch
+    thread the same run gives the same number every time. It counts tensors only (not the interpreter, libraries'
+    own buffers such as oneDNN scratch space, or memory malloc keeps after a free), so it is below the RSS figure.
+    """
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # otherwise kineto prints its start / stop lines on stderr
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        run()
+    events = [
+        event for event in profiler.profiler.kineto_results.events()
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    live = peak = 0
+    for event in sorted(events, key=lambda event: event.start_ns()):  # stable: ties keep the recorded order
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 def _vision_stage(model, inputs: dict, variant: str, chunk_frames: int | None):
     if variant == "stock":
         return lambda: model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
@@ -344,14 +373,19 @@ def measure_peak_memory(source: str, model, inputs: dict, variant: str, frames: 
     forked from a forkserver that has imported torch but run nothing. In one process the allocator keeps memory freed
     by an earlier run (of any variant or stage) resident, so a later run would reuse it and show too small a delta.
     The kernel's high-water mark (VmHWM, reset through /proc/self/clear_refs) catches short peaks that sampling RSS
-    would miss.
+    would miss. RSS is noisy (what malloc returns to the kernel, and when, varies), so CPU rows also carry
+    `allocated_peak_memory_bytes` / `vision_allocated_peak_memory_bytes`: the allocator-level peak of
+    `allocated_peak_bytes`, taken in this process on the warm model, the same number on every run. On CUDA
+    `max_memory_allocated` is already allocator-level: both field pairs hold it.
     """
+    vision_run = _vision_stage(model, inputs, variant, settings.vision_chunk_frames)
+
+    def generate_run():
+        return generate_fixed_length(model, inputs, variant, settings, None)
+
     if settings.device.startswith("cuda"):
         result = {}
-        for field, run in (
-            ("vision_peak_memory_bytes", _vision_stage(model, inputs, variant, settings.vision_chunk_frames)),
-            ("peak_memory_bytes", lambda: generate_fixed_length(model, inputs, variant, settings, None)),
-        ):
+        for field, run in (("vision_peak_memory_bytes", vision_run), ("peak_memory_bytes", generate_run)):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             baseline = torch.cuda.memory_allocated()
@@ -359,17 +393,23 @@ def measure_peak_memory(source: str, model, inputs: dict, variant: str, frames: 
                 run()
             torch.cuda.synchronize()
             result[field] = torch.cuda.max_memory_allocated() - baseline
+        result["vision_allocated_peak_memory_bytes"] = result["vision_peak_memory_bytes"]
+        result["allocated_peak_memory_bytes"] = result["peak_memory_bytes"]
         return result
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "transformers", "qtsplus_hf.benchmark"])
     try:
         with ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as pool:
-            return {
+            result = {
                 field: pool.submit(_cpu_memory_child, source, variant, frames, settings, stage).result()
                 for field, stage in (("vision_peak_memory_bytes", "vision"), ("peak_memory_bytes", "total"))
             }
     except BrokenProcessPool as error:
         raise OSError(f"the memory measurement process for {variant} at {frames} frames died (out of memory?)") from error
+    with torch.no_grad():
+        result["vision_allocated_peak_memory_bytes"] = allocated_peak_bytes(vision_run)
+        result["allocated_peak_memory_bytes"] = allocated_peak_bytes(generate_run)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -378,9 +418,12 @@ def measure_peak_memory(source: str, model, inputs: dict, variant: str, frames: 
 
 
 def analytic_costs(config, vision_tokens: int, kept_tokens: int, text_tokens: int, question_tokens: int,
-                   bytes_per_value: int = 4, time_embedding_dim: int = 64) -> dict:
+                   bytes_per_value: int = 4, time_embedding_dim: int = 64, kept_timestamps: int | None = None) -> dict:
     """FLOPs and bytes of the selector (one scoring and one re-encode layer), the LM prefill on the stock and on
     the compacted sequence, and the vision encoder, for one video.
+
+    `kept_timestamps`: distinct timestamps among the kept tokens (the time embedding projects each once; default
+    `kept_tokens`, an upper bound).
 
     FLOPs count the matrix products (norms, softmax and other element-wise work are O(tokens x width), below 1%).
     Bytes count weights read once, tensors written by each product (read once by the next), and the KV cache;
@@ -401,7 +444,10 @@ def analytic_costs(config, vision_tokens: int, kept_tokens: int, text_tokens: in
         return flops, text.num_hidden_layers * (weights + activations) * bytes_per_value
 
     scoring = 2 * m * width * kv_width + 2 * q * width * width + 2 * q * m * width
-    reencode = n * (20 * width * width + 4 * width * kv_width + 2 * time_embedding_dim * width) + 4 * n * n * width
+    steps = n if kept_timestamps is None else kept_timestamps
+    reencode = (
+        n * (20 * width * width + 4 * width * kv_width) + 2 * steps * time_embedding_dim * width + 4 * n * n * width
+    )
     selector_values = (
         m * width + m * kv_width + 2 * heads * q * m  # features read, keys, question-row probabilities (write + read)
         + n * (14 * width + 2 * kv_width)  # re-encoder: q, attn, o, residual, 4D feed-forward twice, k, v
@@ -537,6 +583,10 @@ def run_bench(settings: BenchSettings, model_dir: str | None = None, config_name
         "memory_method": "cuda max_memory_allocated" if settings.device.startswith("cuda") else (
             "peak RSS (VmHWM after clear_refs) minus RSS before the run, one fresh forkserver process per measurement"
         ),
+        "allocated_memory_method": "cuda max_memory_allocated" if settings.device.startswith("cuda") else (
+            "peak of live CPU tensor bytes (torch.profiler profile_memory events, summed in time order) above the "
+            "start, on the warm model in the bench process"
+        ),
         "rows": rows,
     }
 
@@ -547,7 +597,8 @@ def summary_line(row: dict) -> str:
     return (
         f"{row['frames']:>4} frames, {row['vision_tokens']} vision tokens: TTFT stock "
         f"{stock['time_to_first_token_seconds']:.2f}s, QTSplus@{FIXED_KEEP_RATIO} {fixed['time_to_first_token_seconds']:.2f}s "
-        f"(x{ratio['time_to_first_token_seconds']:.2f}), peak memory x{ratio['peak_memory_bytes']:.2f}, "
+        f"(x{ratio['time_to_first_token_seconds']:.2f}), peak memory x{ratio['peak_memory_bytes']:.2f} "
+        f"(allocated x{ratio['allocated_peak_memory_bytes']:.2f}), "
         f"predicted keeps {row['qtsplus_predicted']['kept_tokens']}"
     )
 
@@ -597,22 +648,66 @@ def save_plot(report: dict, path: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+RELEASED_SELECTOR_FILE = "src/model/qts_plus_tokenizer/qts_plus.py"  # in a checkout of github.com/Siyou-Li/QTSplus
+
+
+def load_released_selector_module(path: str):
+    """The released selector's module (`QTSplus`), imported at run time from a checkout of the released repository
+    (its root, or the file `RELEASED_SELECTOR_FILE` itself); nothing of it is copied into this package."""
+    import importlib.util
+
+    file = path if os.path.isfile(path) else os.path.join(path, RELEASED_SELECTOR_FILE)
+    if not os.path.isfile(file):
+        raise ValueError(f"no released selector at {path} (expected {RELEASED_SELECTOR_FILE} in the checkout)")
+    name = "qtsplus_released_selector"
+    loaded = sys.modules.get(name)
+    if loaded is not None and loaded.__file__ == file:
+        return loaded
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class _FixedReleasedBudget(torch.nn.Module):
+    """Stands in for the released budget head: the same ρ for every video, so that it keeps ceil(ρM) = n tokens."""
+
+    def __init__(self, rho: float) -> None:
+        super().__init__()
+        self.rho = rho
+
+    def forward(self, sq, log_m, r_max, entropy):
+        return torch.full_like(r_max, self.rho)
+
+
 @torch.no_grad()
 def profile_selector(num_tokens: int = 50_000, hidden_size: int = 2048, question_tokens: int = 32,
-                     keep_ratio: float | None = FIXED_KEEP_RATIO, repeats: int = 3, seed: int = 0) -> dict:
+                     keep_ratio: float | None = FIXED_KEEP_RATIO, repeats: int = 3, seed: int = 0,
+                     heads: int = 16, kv_heads: int = 2, kept_tokens: int | None = None,
+                     released: str | None = None, peak_memory: bool = True) -> dict:
     """Median seconds of scoring, budget + top-n, and the whole selector on one video of `num_tokens` tokens, with
-    a 3B-shaped selector (16 heads, 2 key/value heads) of width `hidden_size`, and the peak RSS delta of one call.
+    a selector of width `hidden_size` and `heads` / `kv_heads` attention heads (default: 3B's 16 / 2; one scoring
+    and one re-encode layer, float32, eval, no grad), and the peak RSS delta of one call.
 
+    `kept_tokens` fixes n (instead of `keep_ratio`; None: the predicted budget). `released`: a checkout of the
+    released code (see `load_released_selector_module`); its selector, built at the same width and heads with
+    ρ fixed so that it keeps the same n, is timed in turn with this one (released, ours, released, ours, ...), and
+    `ratio_to_released` = our median / its median.
     Run it in a fresh process (`python -c`): the first call's peak is measured after a small warm-up.
     """
     from .modeling_qtsplus_qwen2_5_vl import QTSplusSelector, budget_to_token_count, top_n_mask
     from .tiny import tiny_qtsplus_config
 
+    if kept_tokens is not None:
+        if not 1 <= kept_tokens <= num_tokens:
+            raise ValueError(f"kept_tokens must be in [1, {num_tokens}], got {kept_tokens}")
+        keep_ratio = kept_tokens / num_tokens
     torch.manual_seed(seed)
-    head_dim = hidden_size // 16
+    head_dim = hidden_size // heads
     config = tiny_qtsplus_config(text_config=dict(
         vocab_size=320, hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=1,
-        num_attention_heads=16, num_key_value_heads=2, bos_token_id=0, eos_token_id=2, pad_token_id=0,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, bos_token_id=0, eos_token_id=2, pad_token_id=0,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                          "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
     ))
@@ -624,7 +719,7 @@ def profile_selector(num_tokens: int = 50_000, hidden_size: int = 2048, question
     seconds = (torch.arange(num_tokens) // 256).float()[None]
     inputs = (video, video_mask, query, query_mask, seconds, keep_ratio)
     selector(*(tensor[:, :512] if tensor.dim() > 1 else tensor for tensor in inputs[:5]), keep_ratio)  # warm-up
-    peak = _peak_rss_delta(lambda: selector(*inputs))
+    peak = _peak_rss_delta(lambda: selector(*inputs)) if peak_memory else None
 
     def seconds_of(run) -> float:
         samples = []
@@ -639,14 +734,38 @@ def profile_selector(num_tokens: int = 50_000, hidden_size: int = 2048, question
         selector.predict_rho(query, query_mask, scores, video_mask) if keep_ratio is None
         else torch.tensor([keep_ratio]), video_mask.sum(-1), config.qtsplus_max_tokens if keep_ratio is None else None,
     )
-    return {
-        "num_tokens": num_tokens, "hidden_size": hidden_size, "kept_tokens": int(counts[0]),
+    kept = int(counts[0])
+    if kept_tokens is not None and kept != kept_tokens:
+        raise RuntimeError(f"the selector keeps {kept} tokens, not kept_tokens={kept_tokens}")
+    report = {
+        "num_tokens": num_tokens, "hidden_size": hidden_size, "heads": heads, "kv_heads": kv_heads,
+        "question_tokens": question_tokens, "kept_tokens": kept, "threads": torch.get_num_threads(),
         "scoring_seconds": seconds_of(lambda: selector.score(video, video_mask, query, query_mask)),
         "top_n_seconds": seconds_of(lambda: top_n_mask(scores, counts, video_mask)),
-        "selector_seconds": seconds_of(lambda: selector(*inputs)),
-        "peak_rss_delta_bytes": peak,
-        "video_features_bytes": video.numel() * video.element_size(),
     }
+    if released is None:
+        report["selector_seconds"] = seconds_of(lambda: selector(*inputs))
+    else:
+        module = load_released_selector_module(released)
+        theirs = module.QTSplus(d_model=hidden_size, n_heads=heads, n_kv_heads=kv_heads, nmax=num_tokens).eval()
+        theirs.budget = _FixedReleasedBudget((kept - 0.5) / num_tokens)  # ceil(ρM) = n, whatever the rounding
+        if len(theirs(video, query, mode="infer")["indices"][0]) != kept:  # also its warm-up
+            raise RuntimeError("the released selector did not keep the same number of tokens")
+        samples = {"released": [], "ours": []}
+        for _ in range(repeats):  # alternating: drifting machine load hits both alike
+            runs = (("released", lambda: theirs(video, query, mode="infer")), ("ours", lambda: selector(*inputs)))
+            for name, run in runs:
+                start = time.perf_counter()
+                run()
+                samples[name].append(time.perf_counter() - start)
+        report["selector_seconds"] = statistics.median(samples["ours"])
+        report["released_selector_seconds"] = statistics.median(samples["released"])
+        report["ratio_to_released"] = report["selector_seconds"] / report["released_selector_seconds"]
+        report["samples"] = samples
+        report["released"] = os.path.abspath(released)
+    report["peak_rss_delta_bytes"] = peak
+    report["video_features_bytes"] = video.numel() * video.element_size()
+    return report
 
 
 # ----------------------------------------------------------------------------------------------------------------------

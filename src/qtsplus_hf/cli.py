@@ -249,6 +249,9 @@ def run_bench(args: argparse.Namespace) -> None:
     if args.pipeline_batch_sizes:
         run_pipeline_bench(args)
         return
+    if args.selector_profile:
+        run_selector_profile(args)
+        return
     from .benchmark import BenchSettings, run_bench as bench, save_plot
 
     settings = BenchSettings(
@@ -275,6 +278,58 @@ def run_pipeline_bench(args: argparse.Namespace) -> None:
               f"({row['seconds']:.2f} s for {report['videos']} videos, {row['speedup']:.2f}x batch 1)")
     if args.json:
         write_json_atomically(args.json, report)
+
+
+def token_counts(text: str) -> list[int]:
+    """Comma-separated positive integers, in the order given."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive token counts, got {text!r}")
+    return counts
+
+
+def run_selector_profile(args: argparse.Namespace) -> None:
+    """`qtsplus bench --selector-profile 4096,16384`: the selector alone on one video of each size (random weights),
+    optionally side by side with the released selector (`--released-selector`)."""
+    if args.plot:
+        raise ValueError("--plot applies to the stock-vs-QTSplus bench, not to --selector-profile")
+    kept = args.selector_kept
+    if kept is not None and len(kept) != len(args.selector_profile):
+        raise ValueError(f"--selector-kept needs one count per --selector-profile size ({len(args.selector_profile)})")
+    if args.selector_width % args.selector_heads or args.selector_heads % args.selector_kv_heads:
+        raise ValueError("--selector-width must be a multiple of --selector-heads, and that of --selector-kv-heads")
+    import torch
+
+    from .benchmark import profile_selector
+
+    threads = torch.get_num_threads()
+    rows = []
+    for index, tokens in enumerate(args.selector_profile):
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        try:
+            row = profile_selector(
+                tokens, args.selector_width, args.selector_question_tokens, keep_ratio=args.selector_keep_ratio,
+                repeats=args.repeats, seed=args.seed, heads=args.selector_heads, kv_heads=args.selector_kv_heads,
+                kept_tokens=None if kept is None else kept[index], released=args.released_selector,
+            )
+        finally:  # main() may run inside a longer process (tests): leave torch's threads as they were
+            torch.set_num_threads(threads)
+        line = (f"M={row['num_tokens']} n={row['kept_tokens']} width {row['hidden_size']} heads "
+                f"{row['heads']}/{row['kv_heads']} L={row['question_tokens']} ({row['threads']} threads): "
+                f"scoring {row['scoring_seconds']:.3f} s, top-n {row['top_n_seconds']:.4f} s, "
+                f"selector {row['selector_seconds']:.3f} s, "
+                f"peak RSS delta {row['peak_rss_delta_bytes'] / 2**20:.0f} MiB")
+        if "ratio_to_released" in row:
+            line += (f"; released selector {row['released_selector_seconds']:.3f} s, "
+                     f"ratio {row['ratio_to_released']:.2f}")
+        print(line, flush=True)
+        rows.append(row)
+    if args.json:
+        write_json_atomically(args.json, {"torch": torch.__version__, "repeats": args.repeats, "rows": rows})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,6 +380,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead: pipeline('video-text-to-text') throughput at these batch sizes, e.g. 1,4,8 "
                             "(the bundled default model on synthetic videos, or the QTSplus folder --model)")
     bench.add_argument("--pipeline-videos", type=positive_int, default=16, help="videos per --pipeline-batch-sizes pass")
+    bench.add_argument("--selector-profile", type=token_counts, default=None, metavar="M[,M...]",
+                       help="instead: the selector alone (random weights, one video of M tokens each, float32), "
+                            "seconds of scoring, top-n and the whole selector, e.g. 4096,16384")
+    bench.add_argument("--selector-width", type=positive_int, default=2048, help="--selector-profile: model width")
+    bench.add_argument("--selector-heads", type=positive_int, default=16, help="--selector-profile: attention heads")
+    bench.add_argument("--selector-kv-heads", type=positive_int, default=2, help="--selector-profile: key/value heads")
+    bench.add_argument("--selector-question-tokens", type=positive_int, default=32,
+                       help="--selector-profile: question tokens")
+    bench.add_argument("--selector-keep-ratio", type=keep_ratio, default=0.11,
+                       help="--selector-profile: fixed keep ratio (default 0.11)")
+    bench.add_argument("--selector-kept", type=token_counts, default=None, metavar="N[,N...]",
+                       help="--selector-profile: kept tokens, one per size (instead of --selector-keep-ratio)")
+    bench.add_argument("--released-selector", default=None, metavar="CHECKOUT",
+                       help="--selector-profile: also time the released selector from this checkout of "
+                            "github.com/Siyou-Li/QTSplus (imported at run time), alternating with ours")
+    bench.add_argument("--threads", type=positive_int, default=None,
+                       help="--selector-profile: torch threads (default: torch's)")
     bench.add_argument("--json", default=None, help="write the report as JSON to this path")
     bench.add_argument("--plot", default=None, help="write a PNG of tokens and latency against frames")
     add_progress_flag(bench)

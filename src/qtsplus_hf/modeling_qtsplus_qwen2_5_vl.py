@@ -130,6 +130,17 @@ class QTSplusInputs:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _in_place_ok(fresh: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether `fresh`, a temporary nothing else holds, may take `fresh.op_(other)` for a commutative op (`mul`, `add`):
+    no autograd graph to keep, and the out-of-place op would give the same dtype and shape. Saves an allocation
+    (and, on CPU, its page faults) without changing a bit."""
+    return (
+        not torch.is_grad_enabled()
+        and fresh.dtype == torch.result_type(fresh, other)
+        and fresh.shape == torch.broadcast_shapes(fresh.shape, other.shape)
+    )
+
+
 class QTSplusRMSNorm(nn.Module):
     """RMSNorm with float32 statistics. Shapes: `[..., D] -> [..., D]`."""
 
@@ -139,14 +150,18 @@ class QTSplusRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.weight * self.normalize(hidden_states)
+        normed = self.normalize(hidden_states)  # a new tensor
+        return normed.mul_(self.weight) if _in_place_ok(normed, self.weight) else self.weight * normed
 
     def normalize(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The norm without the weight, in the input dtype (norms of one input share it: see `project`)."""
+        """The norm without the weight, in the input dtype."""
         dtype = hidden_states.dtype
         hidden_states = hidden_states.float()
-        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
-        return hidden_states.to(dtype)
+        squares = hidden_states.pow(2)
+        scale = torch.rsqrt(squares.mean(-1, keepdim=True) + self.eps)
+        if torch.is_grad_enabled():
+            return (hidden_states * scale).to(dtype)
+        return torch.mul(hidden_states, scale, out=squares).to(dtype)  # inference: into the squares' buffer
 
 
 class QTSplusFeedForward(nn.Module):
@@ -157,7 +172,12 @@ class QTSplusFeedForward(nn.Module):
         self.net = nn.Sequential(nn.Linear(hidden_size, 4 * hidden_size), nn.GELU(), nn.Linear(4 * hidden_size, hidden_size))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.net(hidden_states)
+        up, activation, down = self.net
+        hidden = up(hidden_states)
+        if torch.is_grad_enabled():
+            return down(activation(hidden))
+        # Inference: the GELU overwrites the `[.., 4D]` up-projection instead of allocating a second one.
+        return down(torch.ops.aten.gelu_(hidden, approximate=activation.approximate))
 
 
 class QTSplusAttentionLayer(nn.Module):
@@ -191,13 +211,10 @@ class QTSplusAttentionLayer(nn.Module):
         """`[B, L, D]`, `[B, M, D]` -> q `[B, H, L, d]`, k and v `[B, H_kv, M, d]`.
 
         `time_embeds` (`[B, M, D]`, self-attention only) is added after both norms, inside the attention branch.
-        Self-attention (`keys_values is queries`) normalises once for both norms: they differ only in the weight.
+        Both norms are called as modules, even in self-attention where they share the statistic: under a
+        `device_map` with offload a module's weight exists only while its own forward runs.
         """
-        if keys_values is queries and self.q_norm.eps == self.kv_norm.eps:
-            normed = self.q_norm.normalize(queries)
-            query_in, kv_in = self.q_norm.weight * normed, self.kv_norm.weight * normed
-        else:
-            query_in, kv_in = self.q_norm(queries), self.kv_norm(keys_values)
+        query_in, kv_in = self.q_norm(queries), self.kv_norm(keys_values)
         if time_embeds is not None:
             query_in, kv_in = query_in.add_(time_embeds), kv_in.add_(time_embeds)
         batch, query_len, _ = queries.shape
@@ -210,8 +227,10 @@ class QTSplusAttentionLayer(nn.Module):
     def finish(self, residual: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor:
         """`attn_output [B, H, L, d]` -> `residual + o_proj(attn)`, then `+ ffn(ffn_norm(.))`. Shape `[B, L, D]`."""
         batch, _, length, _ = attn_output.shape
-        hidden = residual + self.o_proj(attn_output.transpose(1, 2).reshape(batch, length, -1))
-        return hidden + self.ffn(self.ffn_norm(hidden))
+        attended = self.o_proj(attn_output.transpose(1, 2).reshape(batch, length, -1))
+        hidden = attended.add_(residual) if _in_place_ok(attended, residual) else residual + attended
+        update = self.ffn(self.ffn_norm(hidden))
+        return update.add_(hidden) if _in_place_ok(update, hidden) else hidden + update
 
     def project_keys(self, keys_values: torch.Tensor, with_values: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`[B, M, D]` -> k and v `[B, H_kv, M, d]` (v is None unless `with_values`), normalised block by block.
@@ -1189,13 +1208,15 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         qtsplus_keep_ratio: float | None = None,
         qtsplus_vision_chunk_frames: int | None = None,
         qtsplus_evidence_mask: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
         **kwargs,
     ) -> QTSplusCausalLMOutputWithPast:
         r"""
         Same as [`Qwen2_5_VLForConditionalGeneration.forward`] (the cache and the rest pass through `kwargs`), plus:
 
         qtsplus_query_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            The question tokens. Default: every attended non-vision token whose label is -100.
+            The question tokens. Default: the text of the user turns (`config.qtsplus_user_turn_ids` up to
+            `qtsplus_turn_end_id`), or every attended non-vision token in a row without them; never a labelled token.
         qtsplus_keep_ratio (`float`, *optional*):
             None: the predicted budget. A float in (0, 1]: keep that share of each video's tokens (1.0 keeps all).
         qtsplus_vision_chunk_frames (`int`, *optional*):
@@ -1205,10 +1226,20 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             labels and `config.qtsplus_lambda_grounding > 0`, the grounding loss ranks them first.
 
         When the selector runs, `logits` (and the loss) cover the compacted sequence.
+
+        `mm_encoder_outputs` (transformers >= 5.20): features that `generate` encoded once before expanding the batch
+        for beams / `num_return_sequences`. Named in the signature because `generate` looks for it there; without
+        it, `generate` repeats the flattened pixel rows instead, which scrambles each sample's patches. Only the
+        stock path takes it: pre-encoded videos cannot pass through the selector.
         """
         self._check_keep_ratio(qtsplus_keep_ratio)
         self._check_chunk_frames(qtsplus_vision_chunk_frames)
         return_dict = kwargs.pop("return_dict", None)
+        pre_encoded = {key: value for key, value in (mm_encoder_outputs or {}).items() if value is not None}
+        if pre_encoded and (self._runs_selector(pixel_values_videos) or (
+                self.config.qtsplus_enabled and "video" in pre_encoded)):
+            raise ValueError("pre-encoded features (mm_encoder_outputs) cannot pass through the QTSplus selector: "
+                             "pass pixel_values / pixel_values_videos, or disable QTSplus (qtsplus_enabled=False)")
         stock_inputs = dict(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -1227,6 +1258,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
                 video_grid_thw=video_grid_thw,
                 mm_token_type_ids=mm_token_type_ids,
                 second_per_grid_ts=second_per_grid_ts,
+                **({} if mm_encoder_outputs is None else {"mm_encoder_outputs": mm_encoder_outputs}),
                 **stock_inputs,
             )
             result = QTSplusCausalLMOutputWithPast(**outputs, lm_loss=outputs.loss)
