@@ -53,15 +53,18 @@ def two_video_batch(config):
     return video_prompt_batch([[(4, 4, 4), (2, 4, 4)], [(2, 4, 6)]], [4, 6], config, seed=3)
 
 
-def write_mp4(path, num_frames: int, fps: float, width: int = 64, height: int = 48, seed: int = 0) -> str:
-    """Encode a real H.264 mp4 with PyAV: random frames whose red channel carries the frame index."""
+def write_mp4(path, num_frames: int, fps: float, width: int = 64, height: int = 48, seed: int = 0,
+              lossless: bool = False) -> str:
+    """Encode a real H.264 mp4 with PyAV: random frames whose red channel carries the frame index. `lossless`:
+    4:4:4 at qp 0 (the default 4:2:0 file moves a frame's mean red by up to 3 levels, neighbours differ by 1)."""
     import av
     import numpy as np
 
     generator = np.random.default_rng(seed)
+    options = {"preset": "ultrafast", **({"qp": "0"} if lossless else {})}
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream = container.add_stream("libx264", rate=fps, options=options)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p" if lossless else "yuv420p"
         for index in range(num_frames):
             frame = generator.integers(0, 255, (height, width, 3), dtype=np.uint8)
             frame[..., 0] = index % 256

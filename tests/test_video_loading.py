@@ -14,28 +14,11 @@ from qtsplus_hf import load_video
 from conftest import write_mp4
 
 
-def write_lossless_mp4(path, num_frames: int, fps: float, width: int, height: int, seed: int = 0) -> str:
-    """`write_mp4`'s frames (random, the red channel = the frame index) as lossless H.264 (4:4:4, qp 0): the lossy
-    4:2:0 file moves a frame's mean red by up to 3 levels, more than the 1 level between neighbouring frames."""
-    import av
-
-    generator = np.random.default_rng(seed)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "qp": "0"})
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p"
-        for index in range(num_frames):
-            frame = generator.integers(0, 255, (height, width, 3), dtype=np.uint8)
-            frame[..., 0] = index % 256
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return str(path)
-
-
 @pytest.mark.parametrize(
     ("num_frames", "native_fps", "width", "height"), [(40, 10, 64, 48), (90, 30, 80, 40), (7, 5, 48, 64), (13, 24, 96, 96)]
 )
 def test_sampling_follows_the_fps_rule(tmp_path, num_frames, native_fps, width, height):
-    path = write_lossless_mp4(tmp_path / "v.mp4", num_frames, native_fps, width, height)
+    path = write_mp4(tmp_path / "v.mp4", num_frames, native_fps, width, height, lossless=True)
     frames, metadata = load_video(path, fps=2.0, min_frames=2, max_frames=768, min_pixels=8 * 8,
                                   max_pixels=32 * 32, factor=8)
     duration = num_frames / native_fps

@@ -229,14 +229,23 @@ def add_eval_parser(commands) -> None:
     evaluation.add_argument("--json", default=None, help="write metrics and per-question predictions here")
     add_progress_flag(evaluation)
     evaluation.set_defaults(handler=run_eval)
-def frame_counts(text: str) -> list[int]:
+def positive_integers(text: str, what: str) -> list[int]:
+    """Comma-separated positive integers, in the order given; `what` names them in the error."""
     try:
         counts = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
     if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"must be positive frame counts, got {text!r}")
-    return sorted(set(counts))
+        raise argparse.ArgumentTypeError(f"must be positive {what}, got {text!r}")
+    return counts
+
+
+def frame_counts(text: str) -> list[int]:
+    return sorted(set(positive_integers(text, "frame counts")))
+
+
+def token_counts(text: str) -> list[int]:
+    return positive_integers(text, "token counts")
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -278,17 +287,6 @@ def run_pipeline_bench(args: argparse.Namespace) -> None:
               f"({row['seconds']:.2f} s for {report['videos']} videos, {row['speedup']:.2f}x batch 1)")
     if args.json:
         write_json_atomically(args.json, report)
-
-
-def token_counts(text: str) -> list[int]:
-    """Comma-separated positive integers, in the order given."""
-    try:
-        counts = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"must be positive token counts, got {text!r}")
-    return counts
 
 
 def run_selector_profile(args: argparse.Namespace) -> None:
