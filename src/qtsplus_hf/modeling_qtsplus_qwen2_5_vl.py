@@ -130,17 +130,6 @@ class QTSplusInputs:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _in_place_ok(fresh: torch.Tensor, other: torch.Tensor) -> bool:
-    """Whether `fresh`, a temporary nothing else holds, may take `fresh.op_(other)` for a commutative op (`mul`, `add`):
-    no autograd graph to keep, and the out-of-place op would give the same dtype and shape. Saves an allocation
-    (and, on CPU, its page faults) without changing a bit."""
-    return (
-        not torch.is_grad_enabled()
-        and fresh.dtype == torch.result_type(fresh, other)
-        and fresh.shape == torch.broadcast_shapes(fresh.shape, other.shape)
-    )
-
-
 class QTSplusRMSNorm(nn.Module):
     """RMSNorm with float32 statistics. Shapes: `[..., D] -> [..., D]`."""
 
@@ -150,18 +139,10 @@ class QTSplusRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        normed = self.normalize(hidden_states)  # a new tensor
-        return normed.mul_(self.weight) if _in_place_ok(normed, self.weight) else self.weight * normed
-
-    def normalize(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The norm without the weight, in the input dtype."""
         dtype = hidden_states.dtype
         hidden_states = hidden_states.float()
-        squares = hidden_states.pow(2)
-        scale = torch.rsqrt(squares.mean(-1, keepdim=True) + self.eps)
-        if torch.is_grad_enabled():
-            return (hidden_states * scale).to(dtype)
-        return torch.mul(hidden_states, scale, out=squares).to(dtype)  # inference: into the squares' buffer
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * hidden_states.to(dtype)
 
 
 class QTSplusFeedForward(nn.Module):
@@ -172,12 +153,7 @@ class QTSplusFeedForward(nn.Module):
         self.net = nn.Sequential(nn.Linear(hidden_size, 4 * hidden_size), nn.GELU(), nn.Linear(4 * hidden_size, hidden_size))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        up, activation, down = self.net
-        hidden = up(hidden_states)
-        if torch.is_grad_enabled():
-            return down(activation(hidden))
-        # Inference: the GELU overwrites the `[.., 4D]` up-projection instead of allocating a second one.
-        return down(torch.ops.aten.gelu_(hidden, approximate=activation.approximate))
+        return self.net(hidden_states)
 
 
 class QTSplusAttentionLayer(nn.Module):
@@ -211,12 +187,12 @@ class QTSplusAttentionLayer(nn.Module):
         """`[B, L, D]`, `[B, M, D]` -> q `[B, H, L, d]`, k and v `[B, H_kv, M, d]`.
 
         `time_embeds` (`[B, M, D]`, self-attention only) is added after both norms, inside the attention branch.
-        Both norms are called as modules, even in self-attention where they share the statistic: under a
-        `device_map` with offload a module's weight exists only while its own forward runs.
+        Both norms are called as modules: under a `device_map` with offload a module's weight exists only while its
+        own forward runs.
         """
         query_in, kv_in = self.q_norm(queries), self.kv_norm(keys_values)
         if time_embeds is not None:
-            query_in, kv_in = query_in.add_(time_embeds), kv_in.add_(time_embeds)
+            query_in, kv_in = query_in + time_embeds, kv_in + time_embeds
         batch, query_len, _ = queries.shape
         kv_len = keys_values.shape[1]
         q = self.q_proj(query_in).view(batch, query_len, self.num_heads, self.head_dim).transpose(1, 2)
@@ -227,10 +203,8 @@ class QTSplusAttentionLayer(nn.Module):
     def finish(self, residual: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor:
         """`attn_output [B, H, L, d]` -> `residual + o_proj(attn)`, then `+ ffn(ffn_norm(.))`. Shape `[B, L, D]`."""
         batch, _, length, _ = attn_output.shape
-        attended = self.o_proj(attn_output.transpose(1, 2).reshape(batch, length, -1))
-        hidden = attended.add_(residual) if _in_place_ok(attended, residual) else residual + attended
-        update = self.ffn(self.ffn_norm(hidden))
-        return update.add_(hidden) if _in_place_ok(update, hidden) else hidden + update
+        hidden = residual + self.o_proj(attn_output.transpose(1, 2).reshape(batch, length, -1))
+        return hidden + self.ffn(self.ffn_norm(hidden))
 
     def project_keys(self, keys_values: torch.Tensor, with_values: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`[B, M, D]` -> k and v `[B, H_kv, M, d]` (v is None unless `with_values`), normalised block by block.
@@ -261,7 +235,8 @@ class QTSplusAttentionLayer(nn.Module):
 
         Args:
             queries: `[B, L, D]`; keys_values: `[B, M, D]`; key_mask: bool `[B, M]`, False = padding, or None when
-            no key is padding; with_output: False skips the value projection and the output (the last scoring layer needs only probs).
+            no key is padding; with_output: False skips the value projection and the output (the last scoring
+            layer needs only probs).
         Returns:
             probs `[B, H_kv, G*L, M]` (float32; head `h = kv*G + g`, rows ordered `(g, l)`) and
             attention output `[B, H, L, d]` (None without `with_output`).
