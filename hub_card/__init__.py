@@ -6,7 +6,8 @@ from huggingface_hub import ModelCard, ModelCardData
 
 
 TEMPLATE_PATH = os.path.join(os.path.dirname(__file__), "template.md")
-CARD_TAGS = ["qtsplus", "video", "token-selection", "qwen2_5_vl", "video-text-to-text"]
+# Plus the backbone's stock model type ("qwen2_5_vl", "qwen3_vl").
+CARD_TAGS = ["qtsplus", "video", "token-selection", "video-text-to-text"]
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -33,15 +34,17 @@ def render_model_card(
         pipeline_tag="video-text-to-text",
         base_model=base_model,
         license=license,
-        tags=list(CARD_TAGS),
+        tags=[*CARD_TAGS, type(model).stock_class.config_class.model_type],
     )
-    default_name = f"QTSplus {base_model.split('/')[-1]}" if base_model else "QTSplus Qwen2.5-VL"
+    backbone = type(model).backbone_name
+    default_name = f"QTSplus {base_model.split('/')[-1]}" if base_model else f"QTSplus {backbone}"
     card = ModelCard.from_template(
         card_data,
         template_path=TEMPLATE_PATH,
         model_name=repo_id.split("/")[-1] if repo_id else default_name,
         repo_id=repo_id or "path/to/this/folder",
         base_model=base_model,
+        backbone=backbone,
         config=model.config,
         base_parameters=base_parameters,
         qtsplus_parameters=qtsplus_parameters,

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELING = "src/qtsplus_hf/modeling_qtsplus_qwen2_5_vl.py"
+SELECTOR = "src/qtsplus_hf/selector_qtsplus.py"
+QWEN2_5_VL = "src/qtsplus_hf/modeling_qtsplus_qwen2_5_vl.py"
+QWEN3_VL = "src/qtsplus_hf/modeling_qtsplus_qwen3_vl.py"
 
 
 @dataclass(frozen=True)
@@ -38,54 +40,72 @@ class Mutation:
 
 MUTATIONS = (
     Mutation(
-        "budget-stats", MODELING,
+        "budget-stats", SELECTOR,
         "stats = torch.stack([num_tokens.log(), scores.amax(-1), entropy], dim=-1)",
         "stats = torch.zeros(len(scores), 3, device=scores.device)",
         "the budget head no longer sees log M, max r and the entropy of p",
     ),
     Mutation(
-        "image-positions-as-text", MODELING,
-        "            position_ids, _ = self.model.get_rope_index(\n                input_ids,\n"
-        "                mm_token_type_ids=mm_token_type_ids,",
-        "            position_ids, _ = self.model.get_rope_index(\n                input_ids,\n"
-        "                mm_token_type_ids=mm_token_type_ids.masked_fill(mm_token_type_ids == 1, 0),",
+        "image-positions-as-text", QWEN2_5_VL,
+        "        position_ids, _ = self.model.get_rope_index(\n            input_ids,\n"
+        "            mm_token_type_ids=mm_token_type_ids,",
+        "        position_ids, _ = self.model.get_rope_index(\n            input_ids,\n"
+        "            mm_token_type_ids=mm_token_type_ids.masked_fill(mm_token_type_ids == 1, 0),",
         "image tokens get text positions in the compacted sequence",
     ),
     Mutation(
-        "min-length-not-shifted", MODELING,
+        "min-length-not-shifted", SELECTOR,
         'for name in ("max_length", "min_length"):',
         'for name in ("max_length",):',
         "min_length counts the compacted prompt instead of the caller's",
     ),
     Mutation(
-        "prompt-of-the-wrong-row", MODELING,
+        "prompt-of-the-wrong-row", SELECTOR,
         "prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)",
         "prompt = input_ids.repeat(sequences.shape[0] // input_ids.shape[0], 1)",
         "under num_return_sequences each sequence starts with another row's prompt",
     ),
     Mutation(
-        "positions-not-compacted", MODELING,
+        "positions-not-compacted", SELECTOR,
         "mrope_positions = compact(position_ids.permute(1, 2, 0), pad_value=0).permute(2, 0, 1)",
         "mrope_positions = text_positions[None].expand(3, -1, -1)",
         "kept video tokens lose their 3-D MRoPE positions",
     ),
     Mutation(
-        "labels-steer-the-selection", MODELING,
-        "            question = question & (labels == IGNORE_INDEX)",
-        "            question = question",
+        "labels-steer-the-selection", SELECTOR,
+        "        question = question & (labels == IGNORE_INDEX)",
+        "        question = question",
         "the answer in the labels becomes part of the question",
     ),
     Mutation(
-        "no-time-embedding", MODELING,
+        "no-time-embedding", SELECTOR,
         "time_embeds = self.time_embedding(seconds) if self.time_embedding is not None else None",
         "time_embeds = None",
         "the re-encoder no longer injects absolute time",
     ),
     Mutation(
-        "user-turn-rule-off", MODELING,
+        "user-turn-rule-off", SELECTOR,
         "question = torch.where(has_user_turn[:, None], question & user_text, question)",
         "question = question",
         "without a query mask, the system prompt and role markers vote again",
+    ),
+    Mutation(
+        "deepstack-not-injected", QWEN3_VL,
+        "            return args, {**kwargs, **deepstack}",
+        "            return args, kwargs",
+        "Qwen3-VL's language model gets no DeepStack features for the compacted prefill",
+    ),
+    Mutation(
+        "deepstack-rows-not-compacted", QWEN3_VL,
+        "            torch.cat([video[rows.to(video.device)] for video, rows in zip(layer, kept_rows)])",
+        "            torch.cat([video[: int(rows.sum())] for video, rows in zip(layer, kept_rows)])",
+        "Qwen3-VL's DeepStack rows are the first n tokens' instead of the kept tokens'",
+    ),
+    Mutation(
+        "timestamp-text-in-the-question", SELECTOR,
+        "    return (starts - ends > 0) | (input_ids == vision_end_id)",
+        "    return (input_ids == vision_start_id) | (input_ids == vision_end_id)",
+        "Qwen3-VL's timestamp text inside a video's span becomes part of the question",
     ),
 )
 

@@ -126,7 +126,7 @@ def test_analytic_selector_flops_match_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     from qtsplus_hf.benchmark import analytic_costs
-    from qtsplus_hf.modeling_qtsplus_qwen2_5_vl import QTSplusSelector
+    from qtsplus_hf.selector_qtsplus import QTSplusSelector
     from qtsplus_hf.tiny import tiny_qtsplus_config
 
     config = tiny_qtsplus_config()

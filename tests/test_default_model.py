@@ -215,7 +215,7 @@ def test_bundled_remote_code_is_the_package_code():
 
     package = os.path.dirname(qtsplus_hf.__file__)
     names = [name for name in os.listdir(default_model_path()) if name.endswith(".py")]
-    assert len(names) == 5
+    assert len(names) == 6
     for name in names:
         with open(os.path.join(package, name)) as source, open(os.path.join(default_model_path(), name)) as copy:
             assert copy.read() == source.read(), name

@@ -14,12 +14,12 @@ import yaml
 
 from qtsplus_hf import QTSplusQwen2_5_VLForConditionalGeneration, save_checkpoint
 from qtsplus_hf.cli import main
-from qtsplus_hf.modeling_qtsplus_qwen2_5_vl import QTSplusSelector
+from qtsplus_hf.selector_qtsplus import QTSplusSelector
 from qtsplus_hf.tiny import tiny_processor
 
 
 REMOTE_CODE = ("configuration_qtsplus.py", "modeling_qtsplus_qwen2_5_vl.py", "pipeline_video_text_to_text.py",
-               "processing_qtsplus.py", "video_qtsplus.py")
+               "processing_qtsplus.py", "selector_qtsplus.py", "video_qtsplus.py")
 BASE_MODEL = "qtsplus-tests/tiny-qwen2.5-vl"
 
 

@@ -13,7 +13,7 @@ import torch
 from qtsplus_hf import QTSplusQwen2_5_VLForConditionalGeneration
 
 
-REMOTE_FILES = ("configuration_qtsplus.py", "modeling_qtsplus_qwen2_5_vl.py")
+REMOTE_FILES = ("configuration_qtsplus.py", "modeling_qtsplus_qwen2_5_vl.py", "selector_qtsplus.py")
 AUTO_CLASSES = ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText")
 
 

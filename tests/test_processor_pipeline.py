@@ -65,6 +65,7 @@ def test_without_a_query_mask_the_model_scores_by_the_user_turns_alone():
     """The model's own rule (no `qtsplus_query_mask`) finds what the processor marks, by token ids alone: the system
     prompt, role markers and the assistant's turn are left out, so changing the system prompt changes nothing."""
     from qtsplus_hf import QTSplusQwen2_5_VLForConditionalGeneration
+    from qtsplus_hf.selector_qtsplus import question_mask
     from qtsplus_hf.tiny import tiny_qtsplus_config
 
     processor = tiny_processor()
@@ -72,7 +73,7 @@ def test_without_a_query_mask_the_model_scores_by_the_user_turns_alone():
     model = QTSplusQwen2_5_VLForConditionalGeneration(tiny_qtsplus_config(**processor.chat_turn_settings())).eval()
     inputs = chat_video_inputs(processor, "You are a helpful assistant. Answer with one word.")
     processor_mask = inputs.pop("qtsplus_query_mask")
-    assert torch.equal(model._question_mask(inputs["input_ids"], inputs["attention_mask"], None, None), processor_mask)
+    assert torch.equal(question_mask(inputs["input_ids"], inputs["attention_mask"], None, None, model.config), processor_mask)
 
     other_system = dict(chat_video_inputs(processor, "Describe the scene in great detail, please."))
     other_system.pop("qtsplus_query_mask")
@@ -165,6 +166,7 @@ def test_pipeline_batches_videos_with_the_results_of_one_at_a_time(tmp_path):
     from transformers import pipeline
 
     from qtsplus_hf import QTSplusQwen2_5_VLForConditionalGeneration
+    from qtsplus_hf.selector_qtsplus import question_mask
     from qtsplus_hf.tiny import tiny_qtsplus_config
 
     torch.manual_seed(0)

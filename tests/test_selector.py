@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qtsplus_hf.modeling_qtsplus_qwen2_5_vl import (
+from qtsplus_hf.selector_qtsplus import (
     QTSplusSelector,
     budget_to_token_count,
     soft_threshold,

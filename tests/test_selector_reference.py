@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from qtsplus_hf.modeling_qtsplus_qwen2_5_vl import IGNORE_INDEX, QTSplusRMSNorm, QTSplusSelector
+from qtsplus_hf.selector_qtsplus import IGNORE_INDEX, QTSplusRMSNorm, QTSplusSelector, question_mask
 from qtsplus_hf.tiny import IMAGE_ID, VIDEO_ID, VISION_END_ID, VISION_START_ID, tiny_qtsplus_config, video_prompt_batch
 
 
@@ -169,7 +169,7 @@ def reference_prefill(model, batch, keep_ratio):
     if batch.get("pixel_values") is not None:
         image = torch.cat(model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
         embeds = embeds.masked_scatter((input_ids == IMAGE_ID)[..., None], image)
-    question = model._question_mask(input_ids, attention_mask, None, batch.get("qtsplus_query_mask"))
+    question = question_mask(input_ids, attention_mask, None, batch.get("qtsplus_query_mask"), model.config)
     video_positions = input_ids == model.config.video_token_id
     features = model.encode_videos(batch["pixel_values_videos"], batch["video_grid_thw"])
     num_tokens = torch.tensor([len(f) for f in features])

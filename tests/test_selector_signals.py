@@ -9,7 +9,7 @@ import torch
 
 from qtsplus_hf import QTSplusQwen2_5_VLForConditionalGeneration
 from qtsplus_hf.evidence import evidence_figures, evidence_token_mask
-from qtsplus_hf.modeling_qtsplus_qwen2_5_vl import (
+from qtsplus_hf.selector_qtsplus import (
     IGNORE_INDEX,
     QTSplusSelector,
     distillation_loss,

@@ -696,7 +696,7 @@ def profile_selector(num_tokens: int = 50_000, hidden_size: int = 2048, question
     `ratio_to_released` = our median / its median.
     Run it in a fresh process (`python -c`): the first call's peak is measured after a small warm-up.
     """
-    from .modeling_qtsplus_qwen2_5_vl import QTSplusSelector, budget_to_token_count, top_n_mask
+    from .selector_qtsplus import QTSplusSelector, budget_to_token_count, top_n_mask
     from .tiny import tiny_qtsplus_config
 
     if kept_tokens is not None:

@@ -14,14 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import PreTrainedModel, ProcessorMixin, Trainer, TrainingArguments
 from transformers.utils import logging as transformers_logging
 
-from .configuration_qtsplus import RECIPES, QTSplusConfig
+from .selector_qtsplus import RECIPES
 from .data import VideoQACollator, VideoQAData, load_video_qa, normalize_row
 from .hub import check_output_folder, save_checkpoint, staged_output_folder
-from .modeling_qtsplus_qwen2_5_vl import QTSplusQwen2_5_VLForConditionalGeneration
-from .processing_qtsplus import QTSplusProcessor
 
 
 MODES = ("selector", "lora", "full")
@@ -95,30 +93,33 @@ class TrainOptions:
         return {field: getattr(self, name) for name, field in fields_of.items() if getattr(self, name) is not None}
 
 
-def load_model_and_processor(
-    path: str, recipe: str | None = None
-) -> tuple[QTSplusQwen2_5_VLForConditionalGeneration, QTSplusProcessor]:
-    """A QTSplus checkpoint, or a stock Qwen2.5-VL one converted on the fly (`from_qwen2_5_vl`, with `recipe`), and
-    its processor. `recipe` on a QTSplus checkpoint sets the recipe's settings that need no new weights."""
+def load_model_and_processor(path: str, recipe: str | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A QTSplus checkpoint of any backbone (`qtsplus_hf.BACKBONES`), or a stock one converted on the fly
+    (`from_stock`, with `recipe`), and its processor. `recipe` on a QTSplus checkpoint sets the recipe's settings
+    that need no new weights."""
     from transformers import AutoConfig, AutoProcessor
+
+    from . import BACKBONES
 
     if not os.path.isdir(path):
         raise ValueError(f"model folder not found: {path}")
     config = AutoConfig.from_pretrained(path)
-    if not isinstance(config, QTSplusConfig) and config.model_type != "qwen2_5_vl":
-        raise ValueError(f"{path} holds a {config.model_type!r} model, not QTSplus or Qwen2.5-VL")
+    backbone = next((classes for name, classes in BACKBONES.items()
+                     if isinstance(config, classes[0]) or config.model_type == name), None)
+    if backbone is None:
+        raise ValueError(f"{path} holds a {config.model_type!r} model, not QTSplus or one of its backbones "
+                         f"({', '.join(BACKBONES)})")
+    config_class, model_class, processor_class = backbone
     processor = AutoProcessor.from_pretrained(path)
-    if not isinstance(processor, QTSplusProcessor):  # a stock Qwen2.5-VL processor: same parts, plus the mask
-        processor = QTSplusProcessor(
+    if not isinstance(processor, processor_class):  # the stock processor: same parts, plus the mask
+        processor = processor_class(
             image_processor=processor.image_processor, video_processor=processor.video_processor,
             tokenizer=processor.tokenizer, chat_template=processor.chat_template,
         )
-    if not isinstance(config, QTSplusConfig):
-        model = QTSplusQwen2_5_VLForConditionalGeneration.from_qwen2_5_vl(
-            path, recipe=recipe, **processor.chat_turn_settings()
-        )
+    if not isinstance(config, config_class):
+        model = model_class.from_stock(path, recipe=recipe, **processor.chat_turn_settings())
         return model, processor
-    model = QTSplusQwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    model = model_class.from_pretrained(path)
     if recipe is not None:
         settings = RECIPES[recipe]
         for field in LAYER_COUNT_FIELDS:
@@ -273,7 +274,7 @@ class NormalizedRows(torch.utils.data.Dataset):
 
 
 def build_trainer(
-    model, processor: QTSplusProcessor, rows: Sequence[dict] | torch.utils.data.Dataset, options: TrainOptions,
+    model: PreTrainedModel, processor: ProcessorMixin, rows: Sequence[dict] | torch.utils.data.Dataset, options: TrainOptions,
     output_dir: str | None = None, half_dtype: torch.dtype | None = None,
 ) -> QTSplusTrainer:
     """The Trainer for normalised rows (see `qtsplus_hf.data.normalize_row`), a list or a `NormalizedRows`."""
@@ -285,7 +286,7 @@ def build_trainer(
     return QTSplusTrainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator)
 
 
-def save_trained(model, processor: QTSplusProcessor, options: TrainOptions, directory: str) -> None:
+def save_trained(model: PreTrainedModel, processor: ProcessorMixin, options: TrainOptions, directory: str) -> None:
     """Write the result into `directory`: a full checkpoint (selector / full modes, or lora with `merge`) or a LoRA
     adapter. With `merge`, the folder holds the merged checkpoint and `adapter/` the adapter it came from."""
     if options.mode != "lora":
