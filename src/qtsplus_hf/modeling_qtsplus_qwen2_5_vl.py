@@ -59,7 +59,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(QTSplusModelMixin, Qwen2_5_VLFor
     config: QTSplusConfig
     stock_class = Qwen2_5_VLForConditionalGeneration
     backbone_name = "Qwen2.5-VL"
-    timing_inputs = ("second_per_grid_ts",)
+    timing_inputs = stock_timing_inputs = ("second_per_grid_ts",)
     # device_map keeps each selector layer on one device: the selector calls them as modules, whose hooks move the
     # inputs; a split layer would leave its masks and residual on another device than its projections.
     _no_split_modules = [
@@ -137,56 +137,23 @@ class QTSplusQwen2_5_VLForConditionalGeneration(QTSplusModelMixin, Qwen2_5_VLFor
         it, `generate` repeats the flattened pixel rows instead, which scrambles each sample's patches. Only the
         stock path takes it: pre-encoded videos cannot pass through the selector.
         """
-        self.check_forward_inputs(pixel_values_videos, inputs_embeds, position_ids, mm_encoder_outputs,
-                                  qtsplus_keep_ratio, qtsplus_vision_chunk_frames)
-        return_dict = kwargs.pop("return_dict", None)
-        stock_inputs = dict(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
-            return_dict=True,
-            **kwargs,
-        )
-        if not self._runs_selector(pixel_values_videos):
-            outputs = super().forward(
-                input_ids=input_ids,
-                inputs_embeds=inputs_embeds,
-                pixel_values=pixel_values,
-                pixel_values_videos=pixel_values_videos,
-                image_grid_thw=image_grid_thw,
-                video_grid_thw=video_grid_thw,
-                mm_token_type_ids=mm_token_type_ids,
-                second_per_grid_ts=second_per_grid_ts,
-                **({} if mm_encoder_outputs is None else {"mm_encoder_outputs": mm_encoder_outputs}),
-                **stock_inputs,
-            )
-            result = QTSplusCausalLMOutputWithPast(**outputs, lm_loss=outputs.loss)
-            return result if return_dict is not False else result.to_tuple()
-
-        prefill = self.prepare_qtsplus_inputs(
-            input_ids=input_ids,
-            pixel_values_videos=pixel_values_videos,
-            video_grid_thw=video_grid_thw,
-            attention_mask=attention_mask,
-            labels=labels,
+        visual_inputs = dict(
             pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
             image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
             mm_token_type_ids=mm_token_type_ids,
             second_per_grid_ts=second_per_grid_ts,
+        )
+        qtsplus_inputs = dict(
             qtsplus_query_mask=qtsplus_query_mask,
             qtsplus_keep_ratio=qtsplus_keep_ratio,
             qtsplus_vision_chunk_frames=qtsplus_vision_chunk_frames,
             qtsplus_evidence_mask=qtsplus_evidence_mask,
-            with_teacher=labels is not None and self.training and self.config.qtsplus_lambda_distill > 0,
         )
-        stock_inputs.update(
-            attention_mask=prefill.attention_mask, position_ids=prefill.position_ids[1:], labels=prefill.labels
-        )
-        outputs = super().forward(inputs_embeds=prefill.inputs_embeds, **stock_inputs)
-        self.model.rope_deltas = prefill.rope_deltas
-        result = self.with_selection_losses(outputs, prefill, labels)
-        return result if return_dict is not False else result.to_tuple()
+        return self.qtsplus_forward(input_ids, inputs_embeds, attention_mask, position_ids, labels, visual_inputs,
+                                    qtsplus_inputs, mm_encoder_outputs, None,
+                                    dict(logits_to_keep=logits_to_keep, **kwargs))
 
     def generate(
         self,

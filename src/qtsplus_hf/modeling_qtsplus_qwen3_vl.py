@@ -214,14 +214,14 @@ class QTSplusQwen3VLForConditionalGeneration(QTSplusModelMixin, Qwen3VLForCondit
         return {"visual_pos_masks": visual_mask, "deepstack_visual_embeds": joint_layers}
 
     @contextmanager
-    def deepstack_injected(self, deepstack: dict | None, batch_size: int):
-        """Within the block, the language model gets `deepstack` (`deepstack_inputs`) instead of the stock forward's
+    def language_model_extras_applied(self, extras: dict | None, batch_size: int):
+        """Within the block, the language model gets `extras` (`deepstack_inputs`) instead of the stock forward's
         empty DeepStack inputs (it passes none with `inputs_embeds`); rows are repeated when `generate` expanded the
         batch (beams, `num_return_sequences`) after the prefill was built."""
-        if deepstack is None:
+        if extras is None:
             yield
             return
-        deepstack = self._expanded_deepstack(deepstack, batch_size)
+        deepstack = self._expanded_deepstack(extras, batch_size)
 
         def inject(module, args, kwargs):
             return args, {**kwargs, **deepstack}
@@ -286,59 +286,23 @@ class QTSplusQwen3VLForConditionalGeneration(QTSplusModelMixin, Qwen3VLForCondit
         When the selector runs, `logits` (and the loss) cover the compacted sequence. `mm_encoder_outputs`: as for
         the Qwen2.5-VL model (transformers >= 5.20, stock path only).
         """
-        self.check_forward_inputs(pixel_values_videos, inputs_embeds, position_ids, mm_encoder_outputs,
-                                  qtsplus_keep_ratio, qtsplus_vision_chunk_frames)
-        return_dict = kwargs.pop("return_dict", None)
-        stock_inputs = dict(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
-            return_dict=True,
-            **kwargs,
-        )
-        if not self._runs_selector(pixel_values_videos):
-            # The compacted prefill's first call from `generate` (its inputs_embeds); later decode steps have none.
-            deepstack = qtsplus_deepstack if inputs_embeds is not None else None
-            with self.deepstack_injected(deepstack, 0 if inputs_embeds is None else inputs_embeds.shape[0]):
-                outputs = super().forward(
-                    input_ids=input_ids,
-                    inputs_embeds=inputs_embeds,
-                    pixel_values=pixel_values,
-                    pixel_values_videos=pixel_values_videos,
-                    image_grid_thw=image_grid_thw,
-                    video_grid_thw=video_grid_thw,
-                    mm_token_type_ids=mm_token_type_ids,
-                    **({} if mm_encoder_outputs is None else {"mm_encoder_outputs": mm_encoder_outputs}),
-                    **stock_inputs,
-                )
-            result = QTSplusCausalLMOutputWithPast(**outputs, lm_loss=outputs.loss)
-            return result if return_dict is not False else result.to_tuple()
-
-        prefill = self.prepare_qtsplus_inputs(
-            input_ids=input_ids,
-            pixel_values_videos=pixel_values_videos,
-            video_grid_thw=video_grid_thw,
-            attention_mask=attention_mask,
-            labels=labels,
+        visual_inputs = dict(
             pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
             image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
             mm_token_type_ids=mm_token_type_ids,
             qtsplus_patch_seconds=qtsplus_patch_seconds,
+        )
+        qtsplus_inputs = dict(
             qtsplus_query_mask=qtsplus_query_mask,
             qtsplus_keep_ratio=qtsplus_keep_ratio,
             qtsplus_vision_chunk_frames=qtsplus_vision_chunk_frames,
             qtsplus_evidence_mask=qtsplus_evidence_mask,
-            with_teacher=labels is not None and self.training and self.config.qtsplus_lambda_distill > 0,
         )
-        stock_inputs.update(
-            attention_mask=prefill.attention_mask, position_ids=prefill.position_ids, labels=prefill.labels
-        )
-        with self.deepstack_injected(prefill.language_model_extras, prefill.inputs_embeds.shape[0]):
-            outputs = super().forward(inputs_embeds=prefill.inputs_embeds, **stock_inputs)
-        self.model.rope_deltas = prefill.rope_deltas
-        result = self.with_selection_losses(outputs, prefill, labels)
-        return result if return_dict is not False else result.to_tuple()
+        return self.qtsplus_forward(input_ids, inputs_embeds, attention_mask, position_ids, labels, visual_inputs,
+                                    qtsplus_inputs, mm_encoder_outputs, qtsplus_deepstack,
+                                    dict(logits_to_keep=logits_to_keep, **kwargs))
 
     def generate(
         self,

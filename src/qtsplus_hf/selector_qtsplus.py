@@ -1101,8 +1101,10 @@ class QTSplusModelMixin:
 
     stock_class: ClassVar[type]
     backbone_name: ClassVar[str]  # how the model card and reports name the backbone ("Qwen2.5-VL")
-    # The backbone's per-video time inputs (processor outputs) that the hooks take as keyword arguments.
+    # The backbone's per-video time inputs (processor outputs) that the hooks take as keyword arguments, and those of
+    # them that the stock forward takes too.
     timing_inputs: ClassVar[tuple[str, ...]] = ()
+    stock_timing_inputs: ClassVar[tuple[str, ...]] = ()
     _auto_class_names = ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText")
     # The loss adds per-batch means (the auxiliary terms) to the LM loss, so the Trainer must average micro-batches
     # itself under gradient accumulation instead of handing `num_items_in_batch` to the LM loss alone.
@@ -1536,6 +1538,64 @@ class QTSplusModelMixin:
         if self._runs_selector(pixel_values_videos) and (inputs_embeds is not None or position_ids is not None):
             raise ValueError("with pixel_values_videos, pass input_ids (not inputs_embeds / position_ids): QTSplus "
                              "builds the embeddings and positions of the compacted sequence itself")
+
+    @contextmanager
+    def language_model_extras_applied(self, extras: dict | None, batch_size: int):
+        """Within the block, the stock forward's language model gets `extras` (`QTSplusInputs.language_model_extras`)
+        for a batch of `batch_size` rows; a backbone without extra inputs has nothing to apply."""
+        yield
+
+    def qtsplus_forward(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        labels: torch.LongTensor | None,
+        visual_inputs: dict,
+        qtsplus_inputs: dict,
+        mm_encoder_outputs: dict | None,
+        language_model_extras: dict | None,
+        kwargs: dict,
+    ) -> QTSplusCausalLMOutputWithPast:
+        """The body of every backbone's `forward`: the stock forward when the selector does not run (QTSplus disabled,
+        no video; `language_model_extras` then apply to a call with `inputs_embeds`, `generate`'s first step), else the
+        stock forward on the compacted prefill of `prepare_qtsplus_inputs`, with the selection and the loss terms.
+
+        `visual_inputs`: the processor's visual tensors and grids, with the backbone's time inputs; `qtsplus_inputs`:
+        `qtsplus_query_mask`, `qtsplus_keep_ratio`, `qtsplus_vision_chunk_frames`, `qtsplus_evidence_mask`;
+        `kwargs`: the rest of the stock forward's inputs (cache, `logits_to_keep`, ...).
+        """
+        pixel_values_videos = visual_inputs.get("pixel_values_videos")
+        self.check_forward_inputs(pixel_values_videos, inputs_embeds, position_ids, mm_encoder_outputs,
+                                  qtsplus_inputs["qtsplus_keep_ratio"], qtsplus_inputs["qtsplus_vision_chunk_frames"])
+        return_dict = kwargs.pop("return_dict", None)
+        stock_inputs = dict(attention_mask=attention_mask, position_ids=position_ids, labels=labels, return_dict=True,
+                            **kwargs)
+        if not self._runs_selector(pixel_values_videos):
+            stock_visual = {name: value for name, value in visual_inputs.items() if name not in self.timing_inputs
+                            or name in self.stock_timing_inputs}
+            if mm_encoder_outputs is not None:
+                stock_visual["mm_encoder_outputs"] = mm_encoder_outputs
+            extras = language_model_extras if inputs_embeds is not None else None
+            with self.language_model_extras_applied(extras, 0 if inputs_embeds is None else len(inputs_embeds)):
+                outputs = super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **stock_visual,
+                                          **stock_inputs)
+            result = QTSplusCausalLMOutputWithPast(**outputs, lm_loss=outputs.loss)
+            return result if return_dict is not False else result.to_tuple()
+
+        prefill = self.prepare_qtsplus_inputs(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, **visual_inputs, **qtsplus_inputs,
+            with_teacher=labels is not None and self.training and self.config.qtsplus_lambda_distill > 0,
+        )
+        stock_inputs.update(
+            attention_mask=prefill.attention_mask, position_ids=prefill.position_ids, labels=prefill.labels
+        )
+        with self.language_model_extras_applied(prefill.language_model_extras, len(prefill.inputs_embeds)):
+            outputs = super().forward(inputs_embeds=prefill.inputs_embeds, **stock_inputs)
+        self.model.rope_deltas = prefill.rope_deltas
+        result = self.with_selection_losses(outputs, prefill, labels)
+        return result if return_dict is not False else result.to_tuple()
 
     def with_selection_losses(
         self, outputs, prefill: QTSplusInputs, labels: torch.Tensor | None
