@@ -1,6 +1,8 @@
-"""`qtsplus bench`: the stock Qwen2.5-VL and QTSplus on the same weights, side by side in one run.
+"""`qtsplus bench`: the stock Qwen2.5-VL (or, `--backbone qwen3_vl`, Qwen3-VL) and QTSplus on the same weights, side
+by side in one run.
 
-For each frame count, three variants run on one synthetic video prompt: `stock` (`Qwen2_5_VLForConditionalGeneration`),
+For each frame count, three variants run on one synthetic video prompt: `stock` (`Qwen2_5_VLForConditionalGeneration`
+or `Qwen3VLForConditionalGeneration`),
 `qtsplus_predicted` (the predicted budget) and `qtsplus_fixed` (keep ratio 0.11, the paper's 89% compression). Timed
 runs alternate the variants (A/B/C/A/B/C) after one warm-up run of each on a 2-frame video (what a warm-up removes,
 lazy initialisation and first-call allocations, does not depend on the video length, and a full-size one would
@@ -24,9 +26,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 import transformers
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from .modeling_qtsplus_qwen2_5_vl import QTSplusQwen2_5_VLForConditionalGeneration
+from .modeling_qtsplus_qwen3_vl import QTSplusQwen3VLForConditionalGeneration
+from .selector_qtsplus import QTSplusModelMixin
 from .tiny import IM_END_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, VIDEO_ID, VISION_END_ID, VISION_START_ID
 
 
@@ -73,17 +83,85 @@ def scaled_qwen2_5_vl_3b(scale: int, vision_depth: int, text_layers: int, vocab_
     )
 
 
+def scaled_qwen3_vl_4b(scale: int, vision_depth: int, text_layers: int, vocab_size: int) -> dict:
+    """Qwen3-VL-4B's shape with every width divided by `scale` and fewer layers.
+
+    Qwen3-VL-4B-Instruct: LM width 2560, 36 layers, 32 query / 8 key-value heads of head_dim 128 (query width 4096,
+    1.6x the model width), SwiGLU 9728 (3.8x), interleaved MRoPE with mrope_section 24 / 20 / 20 (T / H / W of
+    head_dim / 2 = 64), rope_theta 5e6, tied embeddings; vision encoder depth 24, width 1024 (0.4x the LM's), 16
+    heads, GELU MLP 4096 (4x, not gated), patch 16, temporal patch 2, merge 2, a learned 48 x 48 position grid
+    (2304), DeepStack taps after blocks 5, 11 and 17 (at a quarter, half and three quarters of the depth), merger
+    output 2560.
+
+    Kept here: 32 / 8 heads (GQA 4:1) with head_dim = width / 20 (query width 1.6x the model width), the MLP ratios,
+    the vision width 0.4x the LM's, 4B's 16 vision heads where that leaves a head_dim of at least 16, else heads of
+    16 (as the Qwen2.5-VL bench config: the vision rotary embedding needs a multiple of 4), patch / temporal patch /
+    merge, the 2304 position grid, DeepStack at the quarters of the depth, tied embeddings, and the mrope_section
+    nearest to 24:20:20 with H = W (exact from head_dim 32). `scale=1, vision_depth=24, text_layers=36` is 4B's
+    shape.
+    """
+    text_hidden, vision_hidden = 2560 // scale, 1024 // scale
+    head_dim = 128 // scale
+    spatial = head_dim // 2 * 20 // 64  # H and W frequencies: 20 of 64 in 4B, 5 of 16, 2 of 8
+    section = [head_dim // 2 - 2 * spatial, spatial, spatial]
+    return dict(
+        vision_config=dict(
+            depth=vision_depth, hidden_size=vision_hidden, intermediate_size=4096 // scale,
+            num_heads=min(16, vision_hidden // 16), out_hidden_size=text_hidden, patch_size=16, temporal_patch_size=2,
+            spatial_merge_size=2, num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh",
+            deepstack_visual_indexes=[vision_depth * quarter // 4 - 1 for quarter in (1, 2, 3)],
+        ),
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=9728 // scale,
+            num_hidden_layers=text_layers, num_attention_heads=32, num_key_value_heads=8, head_dim=head_dim,
+            max_position_embeddings=32768, hidden_act="silu",
+            rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": section,
+                             "mrope_interleaved": True},
+            bos_token_id=PAD_ID, eos_token_id=IM_END_ID, pad_token_id=PAD_ID, tie_word_embeddings=True,
+        ),
+        image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID, tie_word_embeddings=True,
+    )
+
+
 # Scaled so that a CPU run with ~16k vision tokens stays within minutes (small) or shows a larger model (medium).
+# The same settings serve both backbones: 4 / 24 vision and 6 / 36 LM layers are a sixth of Qwen3-VL-4B's depths.
 BENCH_CONFIGS = {
     "small": dict(scale=8, vision_depth=4, text_layers=6, vocab_size=2048),
     "medium": dict(scale=4, vision_depth=8, text_layers=12, vocab_size=4096),
 }
+# --backbone: the stock config class, the scaled shape of the reference size, the QTSplus class.
+BACKBONES = {
+    "qwen2_5_vl": (Qwen2_5_VLConfig, scaled_qwen2_5_vl_3b, QTSplusQwen2_5_VLForConditionalGeneration),
+    "qwen3_vl": (Qwen3VLConfig, scaled_qwen3_vl_4b, QTSplusQwen3VLForConditionalGeneration),
+}
+DEFAULT_BACKBONE = "qwen2_5_vl"
 
 
-def bench_config(name: str) -> Qwen2_5_VLConfig:
+def check_backbone(backbone: str) -> None:
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(BACKBONES)}")
+
+
+def qtsplus_class(backbone: str) -> type:
+    check_backbone(backbone)
+    return BACKBONES[backbone][2]
+
+
+def backbone_label(backbone: str) -> str:
+    """How reports name the backbone: "Qwen2.5-VL", "Qwen3-VL"."""
+    check_backbone(backbone)
+    return {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}[backbone]
+
+
+def bench_config(name: str, backbone: str = DEFAULT_BACKBONE):
+    """The random bench model's config: Qwen2.5-VL-3B's shape (`scaled_qwen2_5_vl_3b`) or, for `qwen3_vl`,
+    Qwen3-VL-4B's (`scaled_qwen3_vl_4b`), scaled by `BENCH_CONFIGS[name]`."""
+    check_backbone(backbone)
     if name not in BENCH_CONFIGS:
         raise ValueError(f"unknown bench config {name!r}; choose from {sorted(BENCH_CONFIGS)}")
-    return Qwen2_5_VLConfig(**scaled_qwen2_5_vl_3b(**BENCH_CONFIGS[name]))
+    config_class, scaled, _ = BACKBONES[backbone]
+    return config_class(**scaled(**BENCH_CONFIGS[name]))
 
 
 @dataclass
@@ -97,6 +175,7 @@ class BenchSettings:
     question_tokens: int = 24
     vision_chunk_frames: int | None = None
     seed: int = 0
+    backbone: str = DEFAULT_BACKBONE
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -117,23 +196,25 @@ def quiet_progress_bars():
             transformers.utils.logging.enable_progress_bar()
 
 
-def load_stock(source: str, device: str, dtype: str) -> Qwen2_5_VLForConditionalGeneration:
+def load_stock(source: str, device: str, dtype: str, backbone: str = DEFAULT_BACKBONE):
+    """The stock model of `backbone` (`Qwen2_5_VLForConditionalGeneration`, `Qwen3VLForConditionalGeneration`)."""
     with quiet_progress_bars():
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model = qtsplus_class(backbone).stock_class.from_pretrained(
             source, dtype=DTYPES[dtype], attn_implementation="sdpa"
         )
     return model.to(device).eval()
 
 
-def qtsplus_from_stock(stock: Qwen2_5_VLForConditionalGeneration, seed: int) -> QTSplusQwen2_5_VLForConditionalGeneration:
-    """QTSplus made from the stock model; the selector's random parts come from `seed`, so every process agrees."""
+def qtsplus_from_stock(stock, seed: int) -> QTSplusModelMixin:
+    """QTSplus made from the stock model (`from_qwen2_5_vl` / `from_qwen3_vl`, identity initialisation); the
+    selector's random parts come from `seed`, so every process agrees."""
     torch.manual_seed(seed)
-    return QTSplusQwen2_5_VLForConditionalGeneration.from_qwen2_5_vl(stock)
+    if isinstance(stock, Qwen2_5_VLForConditionalGeneration):
+        return QTSplusQwen2_5_VLForConditionalGeneration.from_qwen2_5_vl(stock)
+    return QTSplusQwen3VLForConditionalGeneration.from_qwen3_vl(stock)
 
 
-def share_stock_tensors(
-    qtsplus: QTSplusQwen2_5_VLForConditionalGeneration, stock: Qwen2_5_VLForConditionalGeneration
-) -> None:
+def share_stock_tensors(qtsplus: QTSplusModelMixin, stock) -> None:
     """Point QTSplus's stock parameters at the stock model's tensors: one copy of the weights in memory."""
     qtsplus.load_state_dict(stock.state_dict(), strict=False, assign=True)
     qtsplus.tie_weights()
@@ -165,6 +246,60 @@ def video_prompt(config, frames: int, resolution: int, question_tokens: int, see
         "video_grid_thw": torch.tensor([grid]),
         "second_per_grid_ts": torch.tensor([1.0]),
     }
+
+
+_TIMESTAMP_TOKENIZER = []
+
+
+def timestamp_tokenizer():
+    """The byte-level tokenizer of `qtsplus_hf.tiny` (built once): it writes the Qwen3-VL prompts' timestamp text."""
+    if not _TIMESTAMP_TOKENIZER:
+        from .tiny import tiny_tokenizer
+
+        _TIMESTAMP_TOKENIZER.append(tiny_tokenizer())
+    return _TIMESTAMP_TOKENIZER[0]
+
+
+def qwen3_video_prompt(config, frames: int, resolution: int, question_tokens: int, seed: int) -> dict:
+    """One synthetic video question laid out as the Qwen3-VL processor lays it out (`tiny.qwen3_video_prompt_batch`):
+    3 system tokens, `<|vision_start|>`, per temporal patch its timestamp text `<0.2 seconds>` (frames at 2 fps, as
+    the processor samples by default) and its own `<|vision_start|> <|video_pad|>* <|vision_end|>`, `<|vision_end|>`,
+    then the question; random pixels and text ids. Carries `qtsplus_query_mask` (the question) and
+    `qtsplus_patch_seconds` (the patches' times), which only the QTSplus variants get. The special ids are the
+    config's (`tiny`'s ids are mapped onto them, so a real checkpoint's config works too); the timestamps are written
+    with `timestamp_tokenizer()`.
+    """
+    from .tiny import qwen3_video_prompt_batch
+
+    vision = config.vision_config
+    factor = vision.patch_size * vision.spatial_merge_size
+    if resolution < factor or resolution % factor:
+        raise ValueError(f"--resolution must be a positive multiple of {factor} (patch x merge), got {resolution}")
+    if frames < vision.temporal_patch_size or frames % vision.temporal_patch_size:
+        raise ValueError(f"frame counts must be multiples of {vision.temporal_patch_size}, got {frames}")
+    grid = (frames // vision.temporal_patch_size, resolution // vision.patch_size, resolution // vision.patch_size)
+    batch = qwen3_video_prompt_batch([[grid]], [question_tokens], config, seed=seed, tokenizer=timestamp_tokenizer())
+    ids = batch["input_ids"]
+    mapped = ids.clone()
+    for tiny_id, name in ((IMAGE_ID, "image_token_id"), (VIDEO_ID, "video_token_id"),
+                          (VISION_START_ID, "vision_start_token_id"), (VISION_END_ID, "vision_end_token_id")):
+        mapped[ids == tiny_id] = getattr(config, name)
+    batch["input_ids"] = mapped  # mm_token_type_ids and qtsplus_query_mask mark the same positions as before
+    return batch
+
+
+def bench_prompt(config, frames: int, resolution: int, question_tokens: int, seed: int) -> dict:
+    """The bench's video question for the config's backbone: `video_prompt` (Qwen2.5-VL) or `qwen3_video_prompt`."""
+    if isinstance(config, Qwen3VLConfig):  # the stock config or QTSplus's subclass of it
+        return qwen3_video_prompt(config, frames, resolution, question_tokens, seed)
+    return video_prompt(config, frames, resolution, question_tokens, seed)
+
+
+def variant_inputs(inputs: dict, variant: str) -> dict:
+    """The inputs a variant gets: the stock model gets what a stock processor returns (no `qtsplus_*` entries)."""
+    if variant == "stock":
+        return {name: value for name, value in inputs.items() if not name.startswith("qtsplus_")}
+    return inputs
 
 
 def on_device(inputs: dict, device: str, dtype: str) -> dict:
@@ -223,7 +358,7 @@ def stage_clock(model, device: str):
         model.model.visual.register_forward_pre_hook(lambda *_: start("vision")),
         model.model.visual.register_forward_hook(lambda *_: stop("vision")),
     ]
-    wrapped = isinstance(model, QTSplusQwen2_5_VLForConditionalGeneration)
+    wrapped = isinstance(model, QTSplusModelMixin)
     if wrapped:
         # An instance attribute shadows the method for the duration of the run: generate looks it up on `self`.
         prepare = model.prepare_qtsplus_inputs
@@ -247,7 +382,8 @@ def stage_clock(model, device: str):
 
 def generate_fixed_length(model, inputs: dict, variant: str, settings: BenchSettings, clock: FirstTokenClock | None):
     return model.generate(
-        **inputs, **variant_kwargs(variant, settings.vision_chunk_frames), max_new_tokens=settings.new_tokens,
+        **variant_inputs(inputs, variant), **variant_kwargs(variant, settings.vision_chunk_frames),
+        max_new_tokens=settings.new_tokens,
         min_new_tokens=settings.new_tokens, do_sample=False, return_dict_in_generate=True,
         stopping_criteria=StoppingCriteriaList([clock] if clock else []),
     )
@@ -342,15 +478,15 @@ def _vision_stage(model, inputs: dict, variant: str, chunk_frames: int | None):
 def _cpu_memory_child(source: str, variant: str, frames: int, settings: BenchSettings, stage: str) -> int:
     """Runs in a fresh process: load, warm up on a 2-frame video, then the peak RSS delta of `stage` ("vision": the
     vision encoder alone; "total": the whole generate)."""
-    stock = load_stock(source, settings.device, settings.dtype)
+    stock = load_stock(source, settings.device, settings.dtype, settings.backbone)
     model = stock if variant == "stock" else qtsplus_from_stock(stock, settings.seed)
     del stock
     config = model.config
-    warm = on_device(video_prompt(config, 2, settings.resolution, settings.question_tokens, settings.seed), "cpu",
+    warm = on_device(bench_prompt(config, 2, settings.resolution, settings.question_tokens, settings.seed), "cpu",
                      settings.dtype)
     generate_fixed_length(model, warm, variant, settings, None)
     inputs = on_device(
-        video_prompt(config, frames, settings.resolution, settings.question_tokens, settings.seed), "cpu",
+        bench_prompt(config, frames, settings.resolution, settings.question_tokens, settings.seed), "cpu",
         settings.dtype,
     )
     if stage == "vision":
@@ -359,10 +495,12 @@ def _cpu_memory_child(source: str, variant: str, frames: int, settings: BenchSet
 
 
 def vision_output_bytes(model, inputs: dict) -> int:
-    """Bytes of the LM-ready video features, which the vision stage's peak includes and which grow with the video."""
+    """Bytes of the LM-ready video features, which the vision stage's peak includes and which grow with the video
+    (Qwen3-VL: the merged features and, of the same size, each DeepStack layer's)."""
     vision = model.config.vision_config
     tokens = int(inputs["video_grid_thw"].prod(-1).sum()) // vision.spatial_merge_size**2
-    return tokens * vision.out_hidden_size * inputs["pixel_values_videos"].element_size()
+    streams = 1 + len(getattr(vision, "deepstack_visual_indexes", None) or ())
+    return streams * tokens * vision.out_hidden_size * inputs["pixel_values_videos"].element_size()
 
 
 def measure_peak_memory(source: str, model, inputs: dict, variant: str, frames: int, settings: BenchSettings) -> dict:
@@ -418,46 +556,62 @@ def measure_peak_memory(source: str, model, inputs: dict, variant: str, frames: 
 
 
 def analytic_costs(config, vision_tokens: int, kept_tokens: int, text_tokens: int, question_tokens: int,
-                   bytes_per_value: int = 4, time_embedding_dim: int = 64, kept_timestamps: int | None = None) -> dict:
+                   bytes_per_value: int = 4, time_embedding_dim: int = 64, kept_timestamps: int | None = None,
+                   frame_patches: int | None = None) -> dict:
     """FLOPs and bytes of the selector (one scoring and one re-encode layer), the LM prefill on the stock and on
     the compacted sequence, and the vision encoder, for one video.
 
     `kept_timestamps`: distinct timestamps among the kept tokens (the time embedding projects each once; default
-    `kept_tokens`, an upper bound).
+    `kept_tokens`, an upper bound). `frame_patches`: patches per temporal patch (h x w), for the full attention of
+    Qwen3-VL's vision blocks within a frame (None: left out, as Qwen2.5-VL's windowed attention is).
 
     FLOPs count the matrix products (norms, softmax and other element-wise work are O(tokens x width), below 1%).
     Bytes count weights read once, tensors written by each product (read once by the next), and the KV cache;
     attention scores are not stored by the fused SDPA kernels, except the selector's question-row probabilities.
+    The query width is heads x head_dim: the model width for Qwen2.5-VL, 1.6 x it for Qwen3-VL (head_dim 128 at
+    width 2560); Qwen3-VL's vision MLP has two matrices (Qwen2.5-VL's SwiGLU three) and it runs one patch merger per
+    DeepStack layer besides the main one.
     """
     text, vision = config.text_config, config.vision_config
     width, heads, kv_heads = text.hidden_size, text.num_attention_heads, text.num_key_value_heads
-    kv_width, inner = width // heads * kv_heads, text.intermediate_size
+    head_dim = getattr(text, "head_dim", None) or width // heads
+    q_width, kv_width, inner = heads * head_dim, head_dim * kv_heads, text.intermediate_size
     m, n, q = vision_tokens, kept_tokens, question_tokens
 
     def lm_prefill(length: int) -> tuple[int, int]:
         flops = text.num_hidden_layers * (
-            length * (4 * width * width + 4 * width * kv_width + 6 * width * inner)
-            + 2 * length * length * width  # causal attention: half of QK^T and PV, 4 S^2 D
+            length * (4 * width * q_width + 4 * width * kv_width + 6 * width * inner)
+            + 2 * length * length * q_width  # causal attention: half of QK^T and PV, 4 S^2 (H d)
         )
-        weights = 2 * width * width + 2 * width * kv_width + 3 * width * inner
-        activations = length * (4 * width + 2 * kv_width + 3 * inner)  # q, attn, o, residual; k, v (the cache); MLP
+        weights = 2 * width * q_width + 2 * width * kv_width + 3 * width * inner
+        # q, attn; o, residual; k, v (the cache); MLP
+        activations = length * (2 * q_width + 2 * width + 2 * kv_width + 3 * inner)
         return flops, text.num_hidden_layers * (weights + activations) * bytes_per_value
 
-    scoring = 2 * m * width * kv_width + 2 * q * width * width + 2 * q * m * width
+    scoring = 2 * m * width * kv_width + 2 * q * width * q_width + 2 * q * m * q_width
     steps = n if kept_timestamps is None else kept_timestamps
     reencode = (
-        n * (20 * width * width + 4 * width * kv_width) + 2 * steps * time_embedding_dim * width + 4 * n * n * width
+        n * (4 * width * q_width + 16 * width * width + 4 * width * kv_width)  # q, o; 4D feed-forward; k, v
+        + 2 * steps * time_embedding_dim * width + 4 * n * n * q_width
     )
     selector_values = (
         m * width + m * kv_width + 2 * heads * q * m  # features read, keys, question-row probabilities (write + read)
-        + n * (14 * width + 2 * kv_width)  # re-encoder: q, attn, o, residual, 4D feed-forward twice, k, v
-        + 14 * width * width + 2 * width * kv_width  # weights: scoring q/k, re-encoder q/k/v/o and feed-forward
+        + n * (2 * q_width + 12 * width + 2 * kv_width)  # re-encoder: q, attn, o, residual, 4D feed-forward twice, k, v
+        + 6 * width * q_width + 8 * width * width + 2 * width * kv_width  # weights: scoring q/k, re-encoder q/k/v/o, FF
     )
     stock_flops, stock_bytes = lm_prefill(m + text_tokens)
     qtsplus_flops, qtsplus_bytes = lm_prefill(n + text_tokens)
     patches, v_width = m * vision.spatial_merge_size**2, vision.hidden_size
-    vision_flops = patches * vision.depth * (8 * v_width * v_width + 6 * v_width * vision.intermediate_size)
-    vision_flops += m * 2 * (4 * v_width) * (4 * v_width) + m * 2 * 4 * v_width * width  # the patch merger MLP
+    deepstack = getattr(vision, "deepstack_visual_indexes", None)
+    if deepstack is None:  # Qwen2.5-VL: SwiGLU MLP, one merger
+        vision_flops = patches * vision.depth * (8 * v_width * v_width + 6 * v_width * vision.intermediate_size)
+        mergers = 1
+    else:  # Qwen3-VL: GELU MLP of two matrices, full attention within each frame, a merger per DeepStack layer too
+        vision_flops = patches * vision.depth * (8 * v_width * v_width + 4 * v_width * vision.intermediate_size)
+        if frame_patches is not None:
+            vision_flops += patches * vision.depth * 4 * frame_patches * v_width
+        mergers = 1 + len(deepstack)
+    vision_flops += mergers * (m * 2 * (4 * v_width) * (4 * v_width) + m * 2 * 4 * v_width * width)  # merger MLPs
     return {
         "selector_scoring_flops": scoring, "selector_reencode_flops": reencode,
         "selector_flops": scoring + reencode, "selector_bytes": selector_values * bytes_per_value,
@@ -515,12 +669,18 @@ def check_settings(settings: BenchSettings) -> None:
 
 def run_bench(settings: BenchSettings, model_dir: str | None = None, config_name: str = "small",
               log: Callable[[str], None] = lambda _: None) -> dict:
-    """Benchmark stock vs QTSplus for every frame count; returns the JSON-ready report."""
+    """Benchmark stock vs QTSplus for every frame count; returns the JSON-ready report.
+
+    `settings.backbone` picks the stock model: `qwen2_5_vl` (random weights: `scaled_qwen2_5_vl_3b`, the
+    `video_prompt` layout) or `qwen3_vl` (`scaled_qwen3_vl_4b`, the `qwen3_video_prompt` layout with timestamps);
+    QTSplus is made from it with `from_qwen2_5_vl` / `from_qwen3_vl` and shares its weights."""
     check_settings(settings)
+    check_backbone(settings.backbone)
+    stock_class = qtsplus_class(settings.backbone).stock_class
     with tempfile.TemporaryDirectory(prefix="qtsplus-bench-") as scratch:
         if model_dir is None:
             torch.manual_seed(settings.seed)
-            random_model = Qwen2_5_VLForConditionalGeneration(bench_config(config_name)).to(DTYPES[settings.dtype])
+            random_model = stock_class(bench_config(config_name, settings.backbone)).to(DTYPES[settings.dtype])
             with quiet_progress_bars():
                 random_model.save_pretrained(scratch)  # the memory processes load these very weights
             del random_model
@@ -529,14 +689,22 @@ def run_bench(settings: BenchSettings, model_dir: str | None = None, config_name
             raise ValueError(f"--model: no config.json in {model_dir}")
         else:
             source = model_dir
-        stock = load_stock(source, settings.device, settings.dtype)
-        if stock.config.model_type != "qwen2_5_vl":
-            raise ValueError(f"--model must be a stock Qwen2.5-VL checkpoint, got model_type {stock.config.model_type}")
+        if settings.backbone != DEFAULT_BACKBONE:  # checked before loading: the stock class would load it anyway
+            from .convert import load_config_dict
+
+            model_type = load_config_dict(source).get("model_type")
+            if model_type != settings.backbone:
+                raise ValueError(f"--model must be a stock {backbone_label(settings.backbone)} checkpoint for "
+                                 f"--backbone {settings.backbone}, got model_type {model_type}")
+        stock = load_stock(source, settings.device, settings.dtype, settings.backbone)
+        if stock.config.model_type != settings.backbone:
+            raise ValueError(f"--model must be a stock {backbone_label(settings.backbone)} checkpoint, got model_type "
+                             f"{stock.config.model_type}")
         qtsplus = qtsplus_from_stock(stock, settings.seed)
         share_stock_tensors(qtsplus, stock)
         models = {"stock": stock, "qtsplus_predicted": qtsplus, "qtsplus_fixed": qtsplus}
         warm_up = on_device(
-            video_prompt(stock.config, 2, settings.resolution, settings.question_tokens, settings.seed),
+            bench_prompt(stock.config, 2, settings.resolution, settings.question_tokens, settings.seed),
             settings.device, settings.dtype,
         )
         for variant in VARIANTS:  # one short run of each code path first, not recorded
@@ -544,7 +712,7 @@ def run_bench(settings: BenchSettings, model_dir: str | None = None, config_name
         rows = []
         for frames in settings.frames:
             inputs = on_device(
-                video_prompt(stock.config, frames, settings.resolution, settings.question_tokens, settings.seed),
+                bench_prompt(stock.config, frames, settings.resolution, settings.question_tokens, settings.seed),
                 settings.device, settings.dtype,
             )
             samples = {variant: [] for variant in VARIANTS}
@@ -570,9 +738,16 @@ def run_bench(settings: BenchSettings, model_dir: str | None = None, config_name
                 )
             row["ratio_to_stock"] = {variant: ratios(row[variant], row["stock"]) for variant in VARIANTS[1:]}
             text_tokens = row["stock"]["prefill_length"] - row["vision_tokens"]
+            if "qtsplus_query_mask" in inputs:  # Qwen3-VL: the question; else every token outside the vision span
+                question_tokens, extra = int(inputs["qtsplus_query_mask"].sum()), {
+                    "frame_patches": int(inputs["video_grid_thw"][0, 1:].prod())
+                }
+            else:
+                question_tokens, extra = text_tokens - 2, {}
             row["analytic_qtsplus_fixed"] = analytic_costs(
                 stock.config, row["vision_tokens"], row["qtsplus_fixed"]["kept_tokens"], text_tokens,
-                question_tokens=text_tokens - 2, bytes_per_value=torch.finfo(DTYPES[settings.dtype]).bits // 8,
+                question_tokens=question_tokens, bytes_per_value=torch.finfo(DTYPES[settings.dtype]).bits // 8,
+                **extra,
             )
             log(summary_line(row))
             rows.append(row)
@@ -629,7 +804,8 @@ def save_plot(report: dict, path: str) -> None:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     environment_line = report["environment"]["device_name"]
-    figure.suptitle(f"stock Qwen2.5-VL vs QTSplus, same weights ({environment_line})", fontsize=10)
+    backbone = backbone_label(report["settings"].get("backbone", DEFAULT_BACKBONE))
+    figure.suptitle(f"stock {backbone} vs QTSplus, same weights ({environment_line})", fontsize=10)
     figure.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile(dir=directory, suffix=".png", delete=False) as handle:

@@ -249,12 +249,16 @@ def token_counts(text: str) -> list[int]:
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    """Stock Qwen2.5-VL vs QTSplus on the same weights: tokens, stage times, first-token latency, peak memory."""
+    """Stock Qwen2.5-VL (or Qwen3-VL, `--backbone qwen3_vl`) vs QTSplus on the same weights: tokens, stage times,
+    first-token latency, peak memory."""
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise ValueError(f"{flag}: the folder of {path} does not exist")
     if args.model and not os.path.isdir(args.model):
         raise ValueError(f"--model: folder not found: {args.model}")
+    if args.backbone != "qwen2_5_vl" and (args.pipeline_batch_sizes or args.selector_profile):
+        raise ValueError("--backbone applies to the stock-vs-QTSplus bench, not to --pipeline-batch-sizes or "
+                         "--selector-profile")
     if args.pipeline_batch_sizes:
         run_pipeline_bench(args)
         return
@@ -266,6 +270,7 @@ def run_bench(args: argparse.Namespace) -> None:
     settings = BenchSettings(
         frames=args.frames, resolution=args.resolution, repeats=args.repeats, device=args.device, dtype=args.dtype,
         new_tokens=args.new_tokens, vision_chunk_frames=args.vision_chunk_frames, seed=args.seed,
+        backbone=args.backbone,
     )
     report = bench(settings, model_dir=args.model, config_name=args.config, log=print)
     if args.json:
@@ -360,11 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_hub_commands(commands)
 
-    bench = commands.add_parser("bench", help="stock Qwen2.5-VL vs QTSplus on the same weights: tokens, time, memory")
+    bench = commands.add_parser("bench", help="stock Qwen2.5-VL (or Qwen3-VL) vs QTSplus on the same weights: tokens, "
+                                              "time, memory")
+    bench.add_argument("--backbone", choices=("qwen2_5_vl", "qwen3_vl"), default="qwen2_5_vl",
+                       help="the stock model: qwen2_5_vl (default) or qwen3_vl (its prompt layout, with timestamps)")
     source = bench.add_mutually_exclusive_group()
-    source.add_argument("--model", default=None, help="a stock Qwen2.5-VL checkpoint folder")
+    source.add_argument("--model", default=None, help="a stock checkpoint folder of the --backbone")
     source.add_argument("--config", choices=("small", "medium"), default="small",
-                        help="random Qwen2.5-VL-3B-shaped model (default: small)")
+                        help="random model shaped like Qwen2.5-VL-3B (or, --backbone qwen3_vl, Qwen3-VL-4B) "
+                             "(default: small)")
     bench.add_argument("--frames", type=frame_counts, default=[16, 32, 64, 128, 256], help="e.g. 16,32,64,128,256")
     bench.add_argument("--resolution", type=positive_int, default=224, help="frame side in pixels")
     bench.add_argument("--repeats", type=positive_int, default=3, help="timed runs per variant (after a warm-up)")

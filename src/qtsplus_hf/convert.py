@@ -206,12 +206,14 @@ def from_official_checkpoint(
     return model.eval()
 
 
-def load_processor(folder: str):
-    """The QTSplus processor from the tokenizer / processor files in `folder` (a stock Qwen2.5-VL layout)."""
-    from .processing_qtsplus import QTSplusProcessor
+def load_processor(folder: str, processor_class: type | None = None):
+    """The QTSplus processor from the tokenizer / processor files in `folder`: `processor_class` (default
+    `QTSplusProcessor`, for a stock Qwen2.5-VL layout; `QTSplusQwen3VLProcessor` for a Qwen3-VL one)."""
+    if processor_class is None:
+        from .processing_qtsplus import QTSplusProcessor as processor_class
 
     try:
-        return QTSplusProcessor.from_pretrained(folder)
+        return processor_class.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as error:
         raise ValueError(f"no usable processor / tokenizer files in {folder}: {error}") from error
 

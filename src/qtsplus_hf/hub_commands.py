@@ -5,6 +5,10 @@ import logging
 import os
 
 
+# `--from` of a stock backbone -> how messages name it; its stock config's model_type is the choice itself.
+STOCK_SOURCES = {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
+
+
 def _human_size(size: int) -> str:
     scaled, unit = float(size), "B"
     for larger in ("KiB", "MiB", "GiB"):
@@ -47,8 +51,17 @@ def _write(model, processor, args: argparse.Namespace) -> None:
     _print_files(hub_folder_files(out))
 
 
+def qtsplus_classes() -> dict[str, tuple[type, type]]:
+    """QTSplus config model_type -> (model class, processor class), one per backbone of `qtsplus_hf.BACKBONES`."""
+    from . import BACKBONES
+
+    return {config_class.model_type: (model_class, processor_class)
+            for config_class, model_class, processor_class in BACKBONES.values()}
+
+
 def run_export(args: argparse.Namespace) -> None:
-    """A saved QTSplus checkpoint folder -> a complete Hub folder."""
+    """A saved QTSplus checkpoint folder (any backbone: the classes follow its config's model_type) -> a complete
+    Hub folder."""
     import json
 
     config_path = os.path.join(args.model, "config.json")
@@ -56,15 +69,17 @@ def run_export(args: argparse.Namespace) -> None:
         raise ValueError(f"no config.json in {args.model}")
     with open(config_path, encoding="utf-8") as handle:
         config = json.load(handle)
-    if config.get("model_type") != "qtsplus_qwen2_5_vl":
+    classes = qtsplus_classes()
+    if config.get("model_type") not in classes:
+        choices = " / ".join(f"--from {name}" for name in (*STOCK_SOURCES, "official"))
         raise ValueError(f"{args.model} is not a QTSplus checkpoint (model_type {config.get('model_type')!r}); "
-                         "use `qtsplus convert --from qwen2_5_vl` or `--from official`")
+                         f"use `qtsplus convert` ({choices})")
     _check_output_options(args, args.base_model or config.get("qtsplus_base_model"))
     from .convert import load_processor
-    from .modeling_qtsplus_qwen2_5_vl import QTSplusQwen2_5_VLForConditionalGeneration
 
-    processor = load_processor(args.model)
-    model = QTSplusQwen2_5_VLForConditionalGeneration.from_pretrained(args.model)
+    model_class, processor_class = classes[config["model_type"]]
+    processor = load_processor(args.model, processor_class)
+    model = model_class.from_pretrained(args.model)
     _write(model, processor, args)
 
 
@@ -117,10 +132,33 @@ def _qtsplus_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def check_stock_source(source: str, source_format: str, config: dict | None) -> None:
+    """A stock `--from` source must be that backbone's checkpoint: its config.json (`config`, read from the Hub when
+    None) must have the model_type `source_format` (`qwen2_5_vl`, `qwen3_vl`). ValueError (one line) otherwise."""
+    if config is None:
+        from transformers import PretrainedConfig
+
+        try:
+            config, _ = PretrainedConfig.get_config_dict(source)
+        except (OSError, ValueError) as error:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"cannot read the config of {source}: {first_line}") from error
+    model_type = config.get("model_type")
+    if model_type == source_format:
+        return
+    expected = f"not a stock {STOCK_SOURCES[source_format]} checkpoint (model_type {source_format!r})"
+    if model_type in qtsplus_classes():
+        hint = "it is a QTSplus checkpoint already: use `qtsplus export`"
+    elif model_type in STOCK_SOURCES:
+        hint = f"use --from {model_type}"
+    else:
+        hint = f"--from takes {', '.join(STOCK_SOURCES)} or official"
+    raise ValueError(f"{source} has model_type {model_type!r}, {expected}; {hint}")
+
+
 def run_convert(args: argparse.Namespace) -> None:
-    """A stock Qwen2.5-VL or a released QTSplus checkpoint -> a QTSplus Hub folder."""
+    """A stock Qwen2.5-VL, a stock Qwen3-VL or a released QTSplus checkpoint -> a QTSplus Hub folder."""
     from .convert import from_official_checkpoint, load_processor
-    from .modeling_qtsplus_qwen2_5_vl import QTSplusQwen2_5_VLForConditionalGeneration
 
     overrides = _qtsplus_overrides(args)
     processor_source = args.processor or args.source
@@ -128,12 +166,13 @@ def run_convert(args: argparse.Namespace) -> None:
     if args.source_format == "official" and not is_local:
         raise ValueError(f"checkpoint folder not found: {args.source} (--from official reads a local folder)")
     # A Hub id names its own base model; a local folder may record one (or be a Hub cache snapshot).
-    recorded = None
+    recorded = source_config = None
     if is_local:
         from .convert import load_config_dict
         from .hub import hub_id_of_local_folder
 
-        recorded = hub_id_of_local_folder(args.source, load_config_dict(args.source))
+        source_config = load_config_dict(args.source)
+        recorded = hub_id_of_local_folder(args.source, source_config)
     _check_output_options(args, args.base_model or (recorded if is_local else args.source))
     if args.source_format == "official":
         for flag, value in (("--scoring-layers", args.scoring_layers), ("--reencode-layers", args.reencode_layers),
@@ -143,14 +182,31 @@ def run_convert(args: argparse.Namespace) -> None:
                 raise ValueError(f"{flag} does not apply to --from official: the released weights fix it")
     elif args.base_config is not None:
         raise ValueError("--base-config applies to --from official only")
-    processor = load_processor(processor_source)  # before the weights: bad processor files fail in seconds
+    else:  # before the processor and the weights: a checkpoint of another backbone fails in one line
+        check_stock_source(args.source, args.source_format, source_config)
+    from . import BACKBONES
+
+    backbone = "qwen2_5_vl" if args.source_format == "official" else args.source_format
+    config_class, model_class, processor_class = BACKBONES[backbone]
+    modes = config_class.supported_position_modes
+    if args.position_mode is not None and args.position_mode not in modes:  # the config would refuse it after loading
+        raise ValueError(f"--position-mode {args.position_mode} does not apply to --from {args.source_format} "
+                         f"(supported: {', '.join(modes)})")
+    # before the weights: bad processor files fail in seconds
+    processor = load_processor(processor_source, processor_class)
+    if backbone == "qwen3_vl":
+        from transformers import Qwen3VLVideoProcessor
+
+        if not isinstance(processor.video_processor, Qwen3VLVideoProcessor):
+            raise ValueError(f"the processor files in {processor_source} are not Qwen3-VL's (video processor "
+                             f"{type(processor.video_processor).__name__}, not Qwen3VLVideoProcessor)")
     overrides.update(processor.chat_turn_settings())  # where the model finds the question without a query mask
     if args.source_format == "official":
         model = from_official_checkpoint(args.source, base_config=args.base_config, **overrides)
+    elif backbone == "qwen3_vl":
+        model = model_class.from_qwen3_vl(args.source, recipe=args.recipe, init_scheme=args.init_scheme, **overrides)
     else:
-        model = QTSplusQwen2_5_VLForConditionalGeneration.from_qwen2_5_vl(
-            args.source, recipe=args.recipe, init_scheme=args.init_scheme, **overrides
-        )
+        model = model_class.from_qwen2_5_vl(args.source, recipe=args.recipe, init_scheme=args.init_scheme, **overrides)
     _write(model, processor, args)
 
 
@@ -158,7 +214,7 @@ def add_hub_commands(commands) -> None:
     """Register `export`, `push` and `convert` on the `qtsplus` sub-command parsers."""
     from .cli import keep_ratio, positive_int
     from .configuration_qtsplus import RECIPES
-    from .modeling_qtsplus_qwen2_5_vl import INIT_SCHEMES
+    from .selector_qtsplus import INIT_SCHEMES
 
     export = commands.add_parser("export", help="write a complete Hub folder from a saved QTSplus checkpoint")
     export.add_argument("--model", required=True, help="QTSplus checkpoint folder (weights, config, processor)")
@@ -173,10 +229,11 @@ def add_hub_commands(commands) -> None:
     push.add_argument("--dry-run", action="store_true", help="validate and list the files; no network")
     push.set_defaults(handler=run_push)
 
-    convert = commands.add_parser("convert", help="convert a Qwen2.5-VL or a released QTSplus checkpoint")
-    convert.add_argument("--from", dest="source_format", required=True, choices=("qwen2_5_vl", "official"),
-                         help="qwen2_5_vl: a stock Qwen2.5-VL; official: the paper's released QTSplus checkpoints")
-    convert.add_argument("source", help="checkpoint folder (a Hub id also works with --from qwen2_5_vl)")
+    convert = commands.add_parser("convert", help="convert a Qwen2.5-VL, a Qwen3-VL or a released QTSplus checkpoint")
+    convert.add_argument("--from", dest="source_format", required=True, choices=(*STOCK_SOURCES, "official"),
+                         help="qwen2_5_vl: a stock Qwen2.5-VL; qwen3_vl: a stock Qwen3-VL (dense); official: the "
+                              "paper's released QTSplus checkpoints (Qwen2.5-VL)")
+    convert.add_argument("source", help="checkpoint folder (a Hub id also works with --from qwen2_5_vl / qwen3_vl)")
     convert.add_argument("--processor", default=None, help="folder with the processor files (default: SOURCE)")
     convert.add_argument("--base-config", default=None,
                          help="official only: stock Qwen2.5-VL config.json (or folder) for the vision settings")
