@@ -85,8 +85,9 @@ class QTSplusVideoTextToTextPipeline(Pipeline):
     arguments (`max_new_tokens`, `do_sample`, ...), which pass through to `model.generate`.
 
     Each result (a list of them with `num_return_sequences > 1`): `{"generated_text": str, "qtsplus": {"kept": n,
-    "total": M, "ratio": n / M, "rho": ρ, "kept_seconds": [...]}}`; `kept_seconds` are the distinct start times
-    (seconds) of the kept tokens' frames.
+    "total": M, "ratio": n / M, "rho": ρ, "kept_seconds": [...]}}`; `kept_seconds` are the distinct times
+    (seconds) of the kept tokens' temporal patches: their start for Qwen2.5-VL, their middle for Qwen3-VL (the time
+    its prompt writes before the patch).
     """
 
     _load_processor = True

@@ -1280,6 +1280,8 @@ class QTSplusModelMixin:
                 input_ids == self.config.video_token_id
             ).int()
         question = question_mask(input_ids, attention_mask, labels, qtsplus_query_mask, self.config)
+        # Before any encoder runs: it checks the time inputs against the grids (a wrong length is a user error).
+        seconds = self.video_token_seconds(video_grid_thw, input_ids.device, **timing)
         image_streams = image_embeds = None
         if pixel_values is not None:
             image_streams = self.visual_features(pixel_values, image_grid_thw, "image")
@@ -1310,7 +1312,7 @@ class QTSplusModelMixin:
         # Devices (device_map): the selector's inputs and results live on the video features' device, the sequence
         # bookkeeping (counts, masks, ids, positions) on input_ids', the compacted embeddings on the embedding layer's.
         video_mask = torch.arange(video.shape[1], device=video.device)[None, :] < num_tokens.to(video.device)[:, None]
-        seconds = self.video_token_seconds(video_grid_thw, video.device, **timing)
+        seconds = seconds.to(video.device)
         selection_scores = None
         if qtsplus_selection_scores is not None:
             if [len(v) for v in qtsplus_selection_scores] != num_tokens.tolist():

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 import torch
+from transformers import Qwen3VLVideoProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 from transformers.video_utils import VideoMetadata
 
@@ -196,17 +197,29 @@ def load_video(
 def load_video_for_processor(
     processor, video, fps: float | None = None, min_frames: int | None = None, max_frames: int | None = None
 ) -> tuple[np.ndarray, VideoMetadata]:
-    """`load_video` with a Qwen2.5-VL processor's sampling and pixel settings (arguments given here override them)."""
+    """`load_video` with a Qwen2.5-VL or Qwen3-VL processor's sampling and pixel settings (arguments given here
+    override them), so frames are decoded at the size the processor will use and it need not resize them again.
+
+    Qwen2.5-VL's `size` bounds each frame; Qwen3-VL's bounds the whole clip (frames x height x width), so there each
+    frame gets an even share of `longest_edge` and the floor is one merged patch (the processor's own clip floor then
+    applies as before).
+    """
     video_processor = processor.video_processor
+    factor = video_processor.patch_size * video_processor.merge_size
+    temporal_patch_size = video_processor.temporal_patch_size
+    pixels = dict(min_pixels=video_processor.size["shortest_edge"], max_pixels=video_processor.size["longest_edge"])
+    if isinstance(video_processor, Qwen3VLVideoProcessor):
+        # `frame_size` shares `total_pixels` per temporal patch: this makes each frame's share longest_edge / T.
+        pixels = dict(min_pixels=factor * factor, max_pixels=video_processor.size["longest_edge"],
+                      total_pixels=video_processor.size["longest_edge"] // temporal_patch_size)
     return load_video(
         video,
         fps=fps or getattr(video_processor, "fps", None) or 2.0,
         min_frames=min_frames or video_processor.min_frames,
         max_frames=max_frames or video_processor.max_frames,
-        min_pixels=video_processor.size["shortest_edge"],
-        max_pixels=video_processor.size["longest_edge"],
-        factor=video_processor.patch_size * video_processor.merge_size,
-        temporal_patch_size=video_processor.temporal_patch_size,
+        factor=factor,
+        temporal_patch_size=temporal_patch_size,
+        **pixels,
     )
 
 
