@@ -4,6 +4,7 @@ imported (Auto classes, processor, pipeline on a real mp4), a PEFT LoRA adapter 
 import ast
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -443,3 +444,33 @@ def test_file_frames_are_decoded_at_the_size_the_qwen3_processor_keeps(processor
     patch = processor.video_processor.patch_size
     _, grid_h, grid_w = inputs["video_grid_thw"][0].tolist()
     assert (grid_h * patch, grid_w * patch) == frames.shape[1:3]
+
+
+def test_trainer_fine_tunes_a_stock_qwen3_folder_with_lora_and_distillation(stock, tmp_path):
+    """`qtsplus train` on a stock Qwen3-VL folder: converted on the way in (the Qwen3 processor adds the mask and the
+    patch seconds), trained through the Trainer with LoRA and the distillation teacher (the full-prompt LM pass with
+    DeepStack), written as a QTSplus Qwen3-VL checkpoint that loads back."""
+    from transformers import AutoModel
+
+    from qtsplus_hf.training import TrainOptions, train
+
+    source = tmp_path / "stock"
+    stock.save_pretrained(source)
+    tiny_qwen3_vl_processor().save_pretrained(source)  # a stock Qwen3VLProcessor's files
+    rows = []
+    for index in range(4):
+        write_mp4(tmp_path / f"clip{index}.mp4", num_frames=8, fps=2, seed=index)
+        rows.append({"video": f"clip{index}.mp4", "question": "What colour is the circle?", "answer": "red"})
+    with open(tmp_path / "train.jsonl", "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    result = train(TrainOptions(
+        model=str(source), data=str(tmp_path / "train.jsonl"), video_root=str(tmp_path), output=str(tmp_path / "out"),
+        mode="lora", lora_r=4, merge=True, max_steps=2, batch_size=2, learning_rate=1e-3, logging_steps=1,
+        distill_weight=0.5,
+    ))
+    losses = [entry for entry in result.log_history if "distill_loss" in entry]
+    assert losses and all(math.isfinite(entry["loss"]) and entry["distill_loss"] > 0 for entry in losses), \
+        result.log_history
+    trained = AutoModel.from_pretrained(tmp_path / "out")
+    assert isinstance(trained, QTSplusQwen3VLForConditionalGeneration)
+    assert trained.config.qtsplus_lambda_distill == 0.5

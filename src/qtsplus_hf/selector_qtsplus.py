@@ -1797,6 +1797,8 @@ class QTSplusModelMixin:
             raise ValueError(f"checkpoint does not fit {stock_class.__name__}: missing {sorted(missing)}, unexpected "
                              f"{sorted(unexpected)}, mismatched {sorted(loading['mismatched_keys'])}")
         model.to(stock.device)
+        # Where the weights came from (`from_pretrained(None, ...)` records none): PEFT reads it when saving adapters.
+        model.config._name_or_path = stock.config._name_or_path
         model.initialize_selector_from_language_model(init_scheme)
         model.generation_config = copy.deepcopy(stock.generation_config)
         return model.train() if stock.training else model.eval()
