@@ -150,8 +150,7 @@ def qtsplus_class(backbone: str) -> type:
 
 def backbone_label(backbone: str) -> str:
     """How reports name the backbone: "Qwen2.5-VL", "Qwen3-VL"."""
-    check_backbone(backbone)
-    return {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}[backbone]
+    return qtsplus_class(backbone).backbone_name
 
 
 def bench_config(name: str, backbone: str = DEFAULT_BACKBONE):

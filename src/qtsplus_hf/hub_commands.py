@@ -5,8 +5,11 @@ import logging
 import os
 
 
-# `--from` of a stock backbone -> how messages name it; its stock config's model_type is the choice itself.
-STOCK_SOURCES = {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
+def stock_sources() -> dict[str, str]:
+    """`--from` of a stock backbone (its stock config's model_type, a key of `qtsplus_hf.BACKBONES`) -> its name."""
+    from . import BACKBONES
+
+    return {name: model_class.backbone_name for name, (_, model_class, _) in BACKBONES.items()}
 
 
 def _human_size(size: int) -> str:
@@ -71,7 +74,7 @@ def run_export(args: argparse.Namespace) -> None:
         config = json.load(handle)
     classes = qtsplus_classes()
     if config.get("model_type") not in classes:
-        choices = " / ".join(f"--from {name}" for name in (*STOCK_SOURCES, "official"))
+        choices = " / ".join(f"--from {name}" for name in (*stock_sources(), "official"))
         raise ValueError(f"{args.model} is not a QTSplus checkpoint (model_type {config.get('model_type')!r}); "
                          f"use `qtsplus convert` ({choices})")
     _check_output_options(args, args.base_model or config.get("qtsplus_base_model"))
@@ -146,13 +149,13 @@ def check_stock_source(source: str, source_format: str, config: dict | None) -> 
     model_type = config.get("model_type")
     if model_type == source_format:
         return
-    expected = f"not a stock {STOCK_SOURCES[source_format]} checkpoint (model_type {source_format!r})"
+    expected = f"not a stock {stock_sources()[source_format]} checkpoint (model_type {source_format!r})"
     if model_type in qtsplus_classes():
         hint = "it is a QTSplus checkpoint already: use `qtsplus export`"
-    elif model_type in STOCK_SOURCES:
+    elif model_type in stock_sources():
         hint = f"use --from {model_type}"
     else:
-        hint = f"--from takes {', '.join(STOCK_SOURCES)} or official"
+        hint = f"--from takes {', '.join(stock_sources())} or official"
     raise ValueError(f"{source} has model_type {model_type!r}, {expected}; {hint}")
 
 
@@ -203,10 +206,8 @@ def run_convert(args: argparse.Namespace) -> None:
     overrides.update(processor.chat_turn_settings())  # where the model finds the question without a query mask
     if args.source_format == "official":
         model = from_official_checkpoint(args.source, base_config=args.base_config, **overrides)
-    elif backbone == "qwen3_vl":
-        model = model_class.from_qwen3_vl(args.source, recipe=args.recipe, init_scheme=args.init_scheme, **overrides)
     else:
-        model = model_class.from_qwen2_5_vl(args.source, recipe=args.recipe, init_scheme=args.init_scheme, **overrides)
+        model = model_class.from_stock(args.source, recipe=args.recipe, init_scheme=args.init_scheme, **overrides)
     _write(model, processor, args)
 
 
@@ -230,7 +231,7 @@ def add_hub_commands(commands) -> None:
     push.set_defaults(handler=run_push)
 
     convert = commands.add_parser("convert", help="convert a Qwen2.5-VL, a Qwen3-VL or a released QTSplus checkpoint")
-    convert.add_argument("--from", dest="source_format", required=True, choices=(*STOCK_SOURCES, "official"),
+    convert.add_argument("--from", dest="source_format", required=True, choices=(*stock_sources(), "official"),
                          help="qwen2_5_vl: a stock Qwen2.5-VL; qwen3_vl: a stock Qwen3-VL (dense); official: the "
                               "paper's released QTSplus checkpoints (Qwen2.5-VL)")
     convert.add_argument("source", help="checkpoint folder (a Hub id also works with --from qwen2_5_vl / qwen3_vl)")
