@@ -45,10 +45,14 @@ WITHOUT_PACKAGE = textwrap.dedent(
 
 
 def run_without_package(script: str, tmp_path) -> str:
-    """Run `script` in a fresh interpreter that cannot import qtsplus_hf (offline, own modules cache); its stdout."""
+    """Run `script` in a fresh interpreter that cannot import qtsplus_hf (offline, own modules cache); its stdout.
+
+    It uses this process's torch thread count: another count reduces matmuls in another order, and its float results
+    would differ from the in-process ones in the last bits (the suite runs on one thread, a fresh process on all)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run([sys.executable, "-c", WITHOUT_PACKAGE + textwrap.dedent(script)], capture_output=True,
-                            text=True, env=env, cwd=tmp_path, timeout=300)
+    threads = f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n"
+    result = subprocess.run([sys.executable, "-c", WITHOUT_PACKAGE + threads + textwrap.dedent(script)],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
 
@@ -474,3 +478,35 @@ def test_trainer_fine_tunes_a_stock_qwen3_folder_with_lora_and_distillation(stoc
     trained = AutoModel.from_pretrained(tmp_path / "out")
     assert isinstance(trained, QTSplusQwen3VLForConditionalGeneration)
     assert trained.config.qtsplus_lambda_distill == 0.5
+
+
+def test_evidence_seconds_land_in_the_qwen3_patch_that_shows_them(processor):
+    """Training rows' `evidence_seconds` become tokens by the patches' real spans: at 1 fps a Qwen3-VL patch of frames
+    0 and 1 is written `<0.5 seconds>` and shows [0, 2) s (the one-second-per-patch fallback would put 1.5 s in the
+    second patch)."""
+    from qtsplus_hf.evidence import evidence_token_mask, patch_start_seconds
+
+    frames = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    metadata = VideoMetadata(total_num_frames=6, fps=1.0, frames_indices=list(range(6)), width=32, height=32)
+    inputs = processor(text=[clip_prompt(processor)], videos=[frames], video_metadata=[metadata],
+                       do_sample_frames=False, return_tensors="pt")
+    assert inputs["qtsplus_patch_seconds"].tolist() == [0.5, 2.5, 4.5]
+    assert patch_start_seconds(inputs, 0, processor.video_processor.temporal_patch_size) == [0.0, 2.0, 4.0]
+    grid = inputs["video_grid_thw"][0].tolist()
+    per_patch = grid[1] * grid[2] // processor.video_processor.merge_size**2
+    starts = patch_start_seconds(inputs, 0, processor.video_processor.temporal_patch_size)
+    for second, patch in ((0.0, 0), (1.5, 0), (2.0, 1), (5.9, 2)):
+        mask = evidence_token_mask(grid, starts, processor.video_processor.merge_size, [second])
+        assert mask.view(-1, per_patch).any(-1).nonzero().flatten().tolist() == [patch], second
+    assert not evidence_token_mask(grid, starts, processor.video_processor.merge_size, [6.0]).any()
+
+
+def test_vision_spans_nest_and_an_unclosed_one_takes_no_text():
+    """Qwen3-VL's timestamps sit inside the video's outer span (not question text); a span that never closes (a
+    truncated prompt) does not take the text after it out of the question."""
+    from qtsplus_hf.selector_qtsplus import inside_vision_spans
+    from qtsplus_hf.tiny import VIDEO_ID, VISION_END_ID as END, VISION_START_ID as START
+
+    ids = [50, START, 60, START, VIDEO_ID, END, 61, START, VIDEO_ID, END, END, 70, START, 71]
+    inside = inside_vision_spans(torch.tensor([ids]), START, END)[0].tolist()
+    assert inside == [False] + [True] * 10 + [False, False, False]

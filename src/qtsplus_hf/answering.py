@@ -94,6 +94,7 @@ def save_answer_picture(path: str, processor, answered: VideoAnswer, title: str,
     `evidence`: optional bool `[M]` over the video's tokens (`qtsplus_hf.evidence.evidence_token_mask`).
     ValueError when QTSplus is disabled (nothing was selected).
     """
+    from .evidence import patch_start_seconds
     from .visualize import save_selection_png, selection_figure_data
 
     if answered.selection is None:
@@ -103,7 +104,7 @@ def save_answer_picture(path: str, processor, answered: VideoAnswer, title: str,
     data = selection_figure_data(
         answered.frames, tuple(inputs["video_grid_thw"][0].tolist()), answered.selection.kept_indices[0],
         answered.selection.scores[0], video_processor.merge_size, video_processor.temporal_patch_size,
-        float(inputs["second_per_grid_ts"][0]), evidence=evidence,
+        patch_start_seconds(inputs, 0, video_processor.temporal_patch_size), evidence=evidence,
     )
     return save_selection_png(path, data, title)
 

@@ -8,7 +8,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from . import __version__
+from . import BACKBONES, __version__
 from .configuration_qtsplus import RECIPES
 
 
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="stock Qwen2.5-VL (or Qwen3-VL) vs QTSplus on the same weights: tokens, "
                                               "time, memory")
-    bench.add_argument("--backbone", choices=("qwen2_5_vl", "qwen3_vl"), default="qwen2_5_vl",
+    bench.add_argument("--backbone", choices=tuple(BACKBONES), default="qwen2_5_vl",
                        help="the stock model: qwen2_5_vl (default) or qwen3_vl (its prompt layout, with timestamps)")
     source = bench.add_mutually_exclusive_group()
     source.add_argument("--model", default=None, help="a stock checkpoint folder of the --backbone")

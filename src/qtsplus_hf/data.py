@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .evidence import evidence_token_mask
+from .evidence import evidence_token_mask, patch_start_seconds
 from .processing_qtsplus import MULTIPLE_CHOICE_INSTRUCTION
 from .video_qtsplus import load_video_for_processor
 
@@ -303,12 +303,12 @@ def answer_token_labels(processor, input_ids: torch.Tensor) -> torch.Tensor:
 def evidence_sequence_mask(processor, batch: dict, rows: Sequence[dict]) -> torch.Tensor:
     """Bool `[B, S]`: the video placeholder positions of each row's evidence tokens (one video per row)."""
     video_token = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
-    merge_size = processor.video_processor.merge_size
-    intervals = batch.get("second_per_grid_ts")
+    video_processor = processor.video_processor
+    merge_size, temporal_patch_size = video_processor.merge_size, video_processor.temporal_patch_size
     mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
     for index, row in enumerate(rows):
-        interval = float(intervals[index]) if intervals is not None else 1.0
-        tokens = evidence_token_mask(batch["video_grid_thw"][index].tolist(), interval, merge_size,
+        starts = patch_start_seconds(batch, index, temporal_patch_size)
+        tokens = evidence_token_mask(batch["video_grid_thw"][index].tolist(), starts, merge_size,
                                      row.get("evidence_seconds"), row.get("evidence_boxes"))
         mask[index, (batch["input_ids"][index] == video_token).nonzero().flatten()] = tokens
     return mask

@@ -16,7 +16,7 @@ import torch
 from transformers.utils.logging import tqdm
 
 from .data import LETTERS, VideoQACollator
-from .evidence import evidence_figures, evidence_token_mask
+from .evidence import evidence_figures, evidence_token_mask, patch_start_seconds
 
 
 METRIC_PATH = os.path.join(os.path.dirname(__file__), "metrics", "video_qa_accuracy.py")
@@ -98,10 +98,10 @@ def row_evidence_mask(processor, batch: dict, row: dict) -> torch.Tensor | None:
     """Bool `[M]` over the row's video tokens (one video per row), or None when the row says nothing of evidence."""
     if not (row.get("evidence_seconds") or row.get("evidence_boxes")):
         return None
-    intervals = batch.get("second_per_grid_ts")
+    video_processor = processor.video_processor
     return evidence_token_mask(
-        batch["video_grid_thw"][0].tolist(), float(intervals[0]) if intervals is not None else 1.0,
-        processor.video_processor.merge_size, row.get("evidence_seconds"), row.get("evidence_boxes"),
+        batch["video_grid_thw"][0].tolist(), patch_start_seconds(batch, 0, video_processor.temporal_patch_size),
+        video_processor.merge_size, row.get("evidence_seconds"), row.get("evidence_boxes"),
     )
 
 

@@ -18,6 +18,7 @@ Remote-code file: it imports only `torch`, `transformers` and its siblings `conf
 
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.generation.utils import GenerateOutput
 
 from .configuration_qtsplus import QTSplusConfig
 from .selector_qtsplus import (
@@ -32,7 +33,8 @@ from .selector_qtsplus import (
 
 
 def video_token_timestamps(
-    video_grid_thw: torch.Tensor, second_per_grid_ts, spatial_merge_size: int, device: torch.device
+    video_grid_thw: torch.Tensor, second_per_grid_ts: torch.Tensor | list[float] | None, spatial_merge_size: int,
+    device: torch.device,
 ) -> torch.Tensor:
     """Start time in seconds of the temporal patch of every LM video token, `[V, max M_v]` (0 past a video's end)."""
     if second_per_grid_ts is None:  # the stock model's default spacing: one second per temporal patch
@@ -73,7 +75,8 @@ class QTSplusQwen2_5_VLForConditionalGeneration(QTSplusModelMixin, Qwen2_5_VLFor
         return [list(encode(pixel_values, grid_thw).pooler_output)]
 
     def video_token_seconds(
-        self, video_grid_thw: torch.LongTensor, device: torch.device, second_per_grid_ts=None
+        self, video_grid_thw: torch.LongTensor, device: torch.device,
+        second_per_grid_ts: torch.Tensor | list[float] | None = None,
     ) -> torch.Tensor:
         return video_token_timestamps(
             video_grid_thw, second_per_grid_ts, self.config.vision_config.spatial_merge_size, device
@@ -81,7 +84,8 @@ class QTSplusQwen2_5_VLForConditionalGeneration(QTSplusModelMixin, Qwen2_5_VLFor
 
     def stock_positions(
         self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
-        video_grid_thw: torch.Tensor, attention_mask: torch.Tensor, second_per_grid_ts=None,
+        video_grid_thw: torch.Tensor, attention_mask: torch.Tensor,
+        second_per_grid_ts: torch.Tensor | list[float] | None = None,
     ) -> torch.Tensor:
         position_ids, _ = self.model.get_rope_index(
             input_ids,
@@ -170,7 +174,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(QTSplusModelMixin, Qwen2_5_VLFor
         qtsplus_vision_chunk_frames: int | None = None,
         qtsplus_selection_scores: list[torch.Tensor] | None = None,
         **kwargs,
-    ):
+    ) -> "torch.LongTensor | GenerateOutput":
         """`GenerationMixin.generate` with the selector run once, at prefill (`QTSplusModelMixin.qtsplus_generate`).
 
         The language model decodes from the compacted prefix (embeddings, mask and `[4, B, S']` positions, which

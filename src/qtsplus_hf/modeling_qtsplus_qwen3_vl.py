@@ -19,14 +19,16 @@ is Qwen3-VL's integration: its config, its processor and its model, in the order
    `generate` from that prefill.
 
 Remote-code file: it imports only `torch`, `transformers` and its sibling `selector_qtsplus` (and, through it,
-`pipeline_video_text_to_text`).
+`pipeline_video_text_to_text` and `video_qtsplus`).
 """
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.generation.utils import GenerateOutput
 from transformers.utils import logging
 
 from .selector_qtsplus import (
@@ -66,26 +68,17 @@ class QTSplusQwen3VLProcessor(QTSplusProcessorMixin, Qwen3VLProcessor):
     video metadata exactly as the timestamp text is (unrounded; the text shows one decimal).
     """
 
-    def __call__(self, *args, **kwargs) -> BatchFeature:
-        self._patch_seconds = []
-        try:
-            outputs = super().__call__(*args, **kwargs)
-            if self._patch_seconds:
-                seconds = self._patch_seconds
-                as_tensor = isinstance(outputs["input_ids"], torch.Tensor)
-                outputs["qtsplus_patch_seconds"] = torch.tensor(seconds, dtype=torch.float32) if as_tensor else seconds
-        finally:
-            del self._patch_seconds
-        return outputs
-
-    def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
-        placeholder = super().replace_video_token(video_inputs, video_idx, **kwargs)
-        if hasattr(self, "_patch_seconds"):  # the stock method has just filled in a missing fps
-            metadata = video_inputs["video_metadata"][video_idx]
-            self._patch_seconds += self._calculate_timestamps(
-                list(metadata.frames_indices), metadata.fps, self.video_processor.temporal_patch_size
-            )
-        return placeholder
+    def _process_videos(self, videos, **kwargs) -> tuple[BatchFeature, list[str]]:
+        """The stock video outputs plus `qtsplus_patch_seconds`; the processor's `__call__` merges them into its
+        output (a tensor with `return_tensors="pt"`)."""
+        processed, replacements = super()._process_videos(videos, **kwargs)  # the stock text has filled a missing fps
+        temporal_patch_size = self.video_processor.temporal_patch_size
+        seconds = []
+        for metadata, grid in zip(processed["video_metadata"], processed["video_grid_thw"]):
+            times = self._calculate_timestamps(list(metadata.frames_indices), metadata.fps, temporal_patch_size)
+            seconds += times[: int(grid[0])]  # as the text: one time per temporal patch of the processed video
+        processed["qtsplus_patch_seconds"] = seconds
+        return processed, replacements
 
     @property
     def model_input_names(self) -> list[str]:
@@ -101,7 +94,8 @@ def patch_token_seconds(
     video_grid_thw: torch.Tensor, patch_seconds: torch.Tensor | None, spatial_merge_size: int, device: torch.device
 ) -> torch.Tensor:
     """Time in seconds of every LM video token, `[V, max M_v]` (0 past a video's end), from the time of each temporal
-    patch `patch_seconds [sum_v T_v]` (None: one second per temporal patch, the stock processor's default spacing).
+    patch `patch_seconds [sum_v T_v]` (None: 0, 1, 2, ... seconds, an approximation with a warning; the prompt's text
+    says otherwise unless frames were sampled at 2 fps from 0.25 s).
     """
     grid = video_grid_thw.to(device)
     tokens_per_patch = (grid[:, 1] // spatial_merge_size) * (grid[:, 2] // spatial_merge_size)
@@ -122,7 +116,7 @@ def patch_token_seconds(
     )
 
 
-def split_per_item(features, sizes: list[int]) -> list[torch.Tensor]:
+def split_per_item(features: torch.Tensor | tuple[torch.Tensor, ...], sizes: list[int]) -> list[torch.Tensor]:
     """One DeepStack layer's features as a list over the images / videos: transformers >= 5.20 splits them already,
     5.17 - 5.19 return one tensor for all."""
     return list(features.split(sizes)) if isinstance(features, torch.Tensor) else list(features)
@@ -156,7 +150,7 @@ class QTSplusQwen3VLForConditionalGeneration(QTSplusModelMixin, Qwen3VLForCondit
         return [list(outputs.pooler_output)] + [split_per_item(layer, sizes) for layer in outputs.deepstack_features]
 
     def video_token_seconds(
-        self, video_grid_thw: torch.LongTensor, device: torch.device, qtsplus_patch_seconds=None
+        self, video_grid_thw: torch.LongTensor, device: torch.device, qtsplus_patch_seconds: torch.Tensor | None = None
     ) -> torch.Tensor:
         return patch_token_seconds(
             video_grid_thw, qtsplus_patch_seconds, self.config.vision_config.spatial_merge_size, device
@@ -164,7 +158,7 @@ class QTSplusQwen3VLForConditionalGeneration(QTSplusModelMixin, Qwen3VLForCondit
 
     def stock_positions(
         self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
-        video_grid_thw: torch.Tensor, attention_mask: torch.Tensor, qtsplus_patch_seconds=None,
+        video_grid_thw: torch.Tensor, attention_mask: torch.Tensor, qtsplus_patch_seconds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         position_ids, _ = self.model.get_rope_index(
             input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
@@ -178,7 +172,7 @@ class QTSplusQwen3VLForConditionalGeneration(QTSplusModelMixin, Qwen3VLForCondit
     ) -> dict:
         """`visual_pos_masks [B, S']` and `deepstack_visual_embeds` (per DeepStack layer `[n_visual, D]`): the
         kept video tokens' rows (the same kept indices as the main features) and every image's, in sequence order."""
-        kept_rows = [row[: len(video)] for row, video in zip(keep.unbind(0), video_streams[0])]
+        kept_rows = [row[real] for row, real in zip(keep.unbind(0), video_mask.unbind(0))]
         video_layers = [
             torch.cat([video[rows.to(video.device)] for video, rows in zip(layer, kept_rows)])
             for layer in video_streams[1:]
@@ -214,7 +208,7 @@ class QTSplusQwen3VLForConditionalGeneration(QTSplusModelMixin, Qwen3VLForCondit
         return {"visual_pos_masks": visual_mask, "deepstack_visual_embeds": joint_layers}
 
     @contextmanager
-    def language_model_extras_applied(self, extras: dict | None, batch_size: int):
+    def language_model_extras_applied(self, extras: dict | None, batch_size: int) -> Iterator[None]:
         """Within the block, the language model gets `extras` (`deepstack_inputs`) instead of the stock forward's
         empty DeepStack inputs (it passes none with `inputs_embeds`); rows are repeated when `generate` expanded the
         batch (beams, `num_return_sequences`) after the prefill was built."""
@@ -236,8 +230,11 @@ class QTSplusQwen3VLForConditionalGeneration(QTSplusModelMixin, Qwen3VLForCondit
     def _expanded_deepstack(deepstack: dict, batch_size: int) -> dict:
         mask = deepstack["visual_pos_masks"]
         repeats = batch_size // mask.shape[0]
-        if repeats == 1:
+        if repeats == 1 and batch_size == mask.shape[0]:
             return deepstack
+        if repeats == 0 or batch_size % mask.shape[0]:
+            raise ValueError(f"the DeepStack inputs of {mask.shape[0]} prefill rows cannot serve a batch of "
+                             f"{batch_size} rows (only whole repeats of each row, as generate's expansion)")
         counts = mask.sum(-1).tolist()
         layers = [
             torch.cat([rows.repeat(repeats, 1) for rows in layer.split(counts)])
@@ -319,7 +316,7 @@ class QTSplusQwen3VLForConditionalGeneration(QTSplusModelMixin, Qwen3VLForCondit
         qtsplus_vision_chunk_frames: int | None = None,
         qtsplus_selection_scores: list[torch.Tensor] | None = None,
         **kwargs,
-    ):
+    ) -> "torch.LongTensor | GenerateOutput":
         """`GenerationMixin.generate` with the selector run once, at prefill (`QTSplusModelMixin.qtsplus_generate`);
         the prefill's DeepStack inputs reach its first forward call as `qtsplus_deepstack`."""
         stock_inputs = dict(
@@ -329,9 +326,8 @@ class QTSplusQwen3VLForConditionalGeneration(QTSplusModelMixin, Qwen3VLForCondit
             image_grid_thw=image_grid_thw,
             video_grid_thw=video_grid_thw,
             mm_token_type_ids=mm_token_type_ids,
+            qtsplus_patch_seconds=qtsplus_patch_seconds,
         )
-        if self._runs_selector(pixel_values_videos):
-            stock_inputs["qtsplus_patch_seconds"] = qtsplus_patch_seconds
         return self.qtsplus_generate(input_ids, stock_inputs, qtsplus_query_mask, qtsplus_keep_ratio,
                                      qtsplus_vision_chunk_frames, qtsplus_selection_scores, kwargs)
 

@@ -21,12 +21,14 @@ A backbone is one modeling file (`modeling_qtsplus_<backbone>.py`): its config, 
 each `QTSplus*Mixin` first and the stock transformers class second, plus the hooks that differ (how its vision encoder
 returns features, when its video tokens were recorded, its rotary positions, extra visual streams such as DeepStack).
 
-Remote-code file: it imports only `torch`, `transformers` and its sibling `pipeline_video_text_to_text`.
+Remote-code file: it imports only `torch`, `transformers` and its sibling `pipeline_video_text_to_text` (which
+imports `video_qtsplus`).
 """
 
 import copy
 import math
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -35,24 +37,22 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AttentionInterface, initialization
+from transformers import AttentionInterface, PreTrainedModel, initialization
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.utils import ModelOutput, logging
+from transformers.generation.utils import GenerateOutput
+from transformers.utils import logging
 
 from .pipeline_video_text_to_text import PIPELINE_TASK, QTSplusVideoTextToTextPipeline
 
 try:  # transformers >= 5.20 shares one multimodal output class across models
     from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast as _StockCausalLMOutput
-except ImportError:  # transformers 5.17 - 5.19: each Qwen VL model has its own class, all with these fields
+except ImportError:  # transformers 5.17 - 5.19: each Qwen VL model has its own class, all a causal LM output + this
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
 
     @dataclass
-    class _StockCausalLMOutput(ModelOutput):
-        loss: torch.FloatTensor | None = None
-        logits: torch.FloatTensor | None = None
-        past_key_values: object | None = None
-        hidden_states: tuple[torch.FloatTensor] | None = None
-        attentions: tuple[torch.FloatTensor] | None = None
+    class _StockCausalLMOutput(CausalLMOutputWithPast):
         rope_deltas: torch.LongTensor | None = None
 
 
@@ -862,8 +862,11 @@ def inside_vision_spans(input_ids: torch.Tensor, vision_start_id: int, vision_en
     before the patch's own span. Those timestamps are text tokens, but they are the video's, not the question's.
     """
     starts = (input_ids == vision_start_id).long().cumsum(-1)
-    ends = (input_ids == vision_end_id).long().cumsum(-1)
-    return (starts - ends > 0) | (input_ids == vision_end_id)
+    is_end = input_ids == vision_end_id
+    ends = is_end.long().cumsum(-1)
+    # A span that never closes (a truncated prompt) does not swallow the text after it.
+    closed_later = is_end.flip(-1).cumsum(-1).flip(-1) > 0
+    return ((starts - ends > 0) & closed_later) | is_end
 
 
 class QTSplusProcessorMixin:
@@ -1092,7 +1095,8 @@ def compact_rows(
 class QTSplusModelMixin:
     """The selector inside a vision-language model: `class QTSplusX(QTSplusModelMixin, StockX)`.
 
-    The backbone's class sets `stock_class`, `timing_inputs` and `_no_split_modules`, and implements the hooks:
+    The backbone's class sets `config_class`, `stock_class`, `backbone_name`, `timing_inputs` /
+    `stock_timing_inputs` and `_no_split_modules`, and implements the hooks:
     `visual_features` (its encoder's outputs as streams), `video_token_seconds` (when each video token was
     recorded), `stock_positions` (its rotary positions of the full prompt) and, for extra visual inputs of its
     language model, `compacted_language_model_extras` / `full_language_model_extras`; its `forward` and `generate`
@@ -1152,7 +1156,10 @@ class QTSplusModelMixin:
         self, keep: torch.Tensor, video_mask: torch.Tensor, image_streams: list[list] | None,
         video_streams: list[list], kept_ids: torch.Tensor, attention_mask: torch.Tensor,
     ) -> dict | None:
-        """Extra keyword inputs of the language model for the compacted prefill (None: the backbone has none)."""
+        """Extra keyword inputs of the language model for the compacted prefill (None: the backbone has none).
+
+        `keep`, `video_mask`: bool `[V, max M_v]`, the kept and the real tokens of each video; `kept_ids`,
+        `attention_mask`: `[B, S']`, the compacted sequence."""
         return None
 
     def full_language_model_extras(
@@ -1542,7 +1549,7 @@ class QTSplusModelMixin:
                              "builds the embeddings and positions of the compacted sequence itself")
 
     @contextmanager
-    def language_model_extras_applied(self, extras: dict | None, batch_size: int):
+    def language_model_extras_applied(self, extras: dict | None, batch_size: int) -> Iterator[None]:
         """Within the block, the stock forward's language model gets `extras` (`QTSplusInputs.language_model_extras`)
         for a batch of `batch_size` rows; a backbone without extra inputs has nothing to apply."""
         yield
@@ -1636,7 +1643,7 @@ class QTSplusModelMixin:
         qtsplus_vision_chunk_frames: int | None,
         qtsplus_selection_scores: list[torch.Tensor] | None,
         generate_kwargs: dict,
-    ):
+    ) -> "torch.LongTensor | GenerateOutput":
         """`GenerationMixin.generate` with the selector run once, at prefill (`stock_inputs`: the processor's outputs
         other than `input_ids`).
 
@@ -1646,7 +1653,8 @@ class QTSplusModelMixin:
         self._check_keep_ratio(qtsplus_keep_ratio)
         self._check_chunk_frames(qtsplus_vision_chunk_frames)
         if not self._runs_selector(stock_inputs.get("pixel_values_videos")):
-            stock_inputs = {key: value for key, value in stock_inputs.items() if value is not None}
+            stock_inputs = {key: value for key, value in stock_inputs.items() if value is not None and (
+                key not in self.timing_inputs or key in self.stock_timing_inputs)}
             return super().generate(input_ids, **stock_inputs, **generate_kwargs)
         if input_ids is None:
             raise ValueError("QTSplus generate needs input_ids alongside pixel_values_videos")
@@ -1735,8 +1743,9 @@ class QTSplusModelMixin:
 
     @classmethod
     def from_stock(
-        cls, model_or_path, recipe: str | None = None, init_scheme: str | None = None, **config_overrides
-    ):
+        cls, model_or_path: "PreTrainedModel | str", recipe: str | None = None, init_scheme: str | None = None,
+        **config_overrides,
+    ) -> "QTSplusModelMixin":
         """Wrap a stock model of `cls.stock_class` (an in-memory model, a local directory or a Hub id) into a
         QTSplus model.
 

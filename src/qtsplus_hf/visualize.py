@@ -8,6 +8,7 @@ outlined.
 
 import os
 import tempfile
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -49,12 +50,13 @@ def frames_to_show(kept: np.ndarray, evidence: np.ndarray | None = None,
 
 def selection_figure_data(
     frames: np.ndarray, grid_thw: tuple[int, int, int], kept_indices: torch.Tensor, scores: torch.Tensor,
-    merge_size: int, temporal_patch_size: int, second_per_grid: float, evidence: torch.Tensor | None = None,
-    max_frames_shown: int = MAX_FRAMES_SHOWN,
+    merge_size: int, temporal_patch_size: int, second_per_grid: float | Sequence[float],
+    evidence: torch.Tensor | None = None, max_frames_shown: int = MAX_FRAMES_SHOWN,
 ) -> dict:
     """Per temporal patch: its first frame, a kept mask over merged patches `[h, w]`, the evidence mask (same shape,
     or None), the max score and its start time; and `shown`, the patches the picture draws (`frames_to_show`).
 
+    `second_per_grid`: seconds per temporal patch, or each patch's start (`qtsplus_hf.evidence.patch_start_seconds`);
     `evidence`: bool `[M]` over the video's tokens (`qtsplus_hf.evidence.evidence_token_mask`), or None.
     """
     grid_t, grid_h, grid_w = (int(v) for v in grid_thw)
@@ -72,7 +74,8 @@ def selection_figure_data(
         "kept": kept,
         "evidence": evidence,
         "max_score": scores.float().cpu().view(grid_t, -1).amax(-1).numpy(),
-        "seconds": np.arange(grid_t) * second_per_grid,
+        "seconds": (np.arange(grid_t) * second_per_grid if isinstance(second_per_grid, (int, float))
+                    else np.asarray(second_per_grid, dtype=float)),
         "shown": frames_to_show(kept, evidence, max_frames_shown),
     }
 
