@@ -84,6 +84,19 @@ def tiny_qtsplus_config(**overrides) -> QTSplusConfig:
     return config
 
 
+def padded_rows(rows: list[list[int]], query_rows: list[list[bool]], padding_side: str) -> dict[str, torch.Tensor]:
+    """`input_ids`, `attention_mask` and `qtsplus_query_mask` `[B, max len]` of token rows, padded on `padding_side`."""
+    length = max(len(ids) for ids in rows)
+    batch = {name: torch.zeros(len(rows), length, dtype=torch.long) for name in ("input_ids", "attention_mask")}
+    batch["qtsplus_query_mask"] = torch.zeros(len(rows), length, dtype=torch.bool)
+    for index, (ids, query) in enumerate(zip(rows, query_rows)):
+        span = slice(length - len(ids), length) if padding_side == "left" else slice(0, len(ids))
+        batch["input_ids"][index, span] = torch.tensor(ids)
+        batch["attention_mask"][index, span] = 1
+        batch["qtsplus_query_mask"][index, span] = torch.tensor(query)
+    return batch
+
+
 def video_prompt_batch(
     videos_per_sample: Sequence[Sequence[tuple[int, int, int]]],
     question_lengths: Sequence[int],
@@ -110,14 +123,7 @@ def video_prompt_batch(
         rows.append(ids)
         query_rows.append([False] * query_start + [True] * question_length)
 
-    length = max(len(ids) for ids in rows)
-    batch = {name: torch.zeros(len(rows), length, dtype=torch.long) for name in ("input_ids", "attention_mask")}
-    batch["qtsplus_query_mask"] = torch.zeros(len(rows), length, dtype=torch.bool)
-    for index, (ids, query) in enumerate(zip(rows, query_rows)):
-        span = slice(length - len(ids), length) if padding_side == "left" else slice(0, len(ids))
-        batch["input_ids"][index, span] = torch.tensor(ids)
-        batch["attention_mask"][index, span] = 1
-        batch["qtsplus_query_mask"][index, span] = torch.tensor(query)
+    batch = padded_rows(rows, query_rows, padding_side)
     batch["mm_token_type_ids"] = 2 * (batch["input_ids"] == VIDEO_ID).int()
 
     vision = config.vision_config
@@ -332,14 +338,7 @@ def qwen3_video_prompt_batch(
         rows.append(ids)
         query_rows.append([False] * query_start + [True] * question_length)
 
-    length = max(len(ids) for ids in rows)
-    batch = {name: torch.zeros(len(rows), length, dtype=torch.long) for name in ("input_ids", "attention_mask")}
-    batch["qtsplus_query_mask"] = torch.zeros(len(rows), length, dtype=torch.bool)
-    for index, (ids, query) in enumerate(zip(rows, query_rows)):
-        span = slice(length - len(ids), length) if padding_side == "left" else slice(0, len(ids))
-        batch["input_ids"][index, span] = torch.tensor(ids)
-        batch["attention_mask"][index, span] = 1
-        batch["qtsplus_query_mask"][index, span] = torch.tensor(query)
+    batch = padded_rows(rows, query_rows, padding_side)
     batch["mm_token_type_ids"] = (
         (batch["input_ids"] == IMAGE_ID).int() + 2 * (batch["input_ids"] == VIDEO_ID).int()
     )
