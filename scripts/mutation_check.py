@@ -103,8 +103,8 @@ MUTATIONS = (
     ),
     Mutation(
         "timestamp-text-in-the-question", SELECTOR,
-        "    return (starts - ends > 0) | (input_ids == vision_end_id)",
-        "    return (input_ids == vision_start_id) | (input_ids == vision_end_id)",
+        "    return ((starts - ends > 0) & closed_later) | is_end",
+        "    return (input_ids == vision_start_id) | is_end",
         "Qwen3-VL's timestamp text inside a video's span becomes part of the question",
     ),
 )
