@@ -122,14 +122,24 @@ def test_rss_probe_reports_the_peak_of_the_run_alone():
     assert 60 * mib <= _peak_rss_delta(run) <= 70 * mib
 
 
-def test_analytic_selector_flops_match_torch_flop_counter():
+def qwen3_config_with_a_wide_query():
+    from qtsplus_hf import QTSplusQwen3VLConfig
+    from qtsplus_hf.tiny import tiny_qwen3_vl_config_dict
+
+    text = dict(tiny_qwen3_vl_config_dict()["text_config"], head_dim=32)  # 4 heads of 32: query width 128 vs 64
+    return QTSplusQwen3VLConfig(**tiny_qwen3_vl_config_dict(text_config=text))
+
+
+@pytest.mark.parametrize("backbone", ["qwen2_5_vl", "qwen3_vl"])
+def test_analytic_selector_flops_match_torch_flop_counter(backbone):
+    """Qwen3-VL: with its head_dim the query width (heads x head_dim) differs from the model width."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from qtsplus_hf.benchmark import analytic_costs
     from qtsplus_hf.selector_qtsplus import QTSplusSelector
     from qtsplus_hf.tiny import tiny_qtsplus_config
 
-    config = tiny_qtsplus_config()
+    config = tiny_qtsplus_config() if backbone == "qwen2_5_vl" else qwen3_config_with_a_wide_query()
     selector = QTSplusSelector(config).eval()
     video, query = torch.randn(1, 200, 64), torch.randn(1, 7, 64)
     counter = FlopCounterMode(display=False)
@@ -140,8 +150,9 @@ def test_analytic_selector_flops_match_torch_flop_counter():
     # All timestamps are 0: the time embedding projects one.
     costs = analytic_costs(config, vision_tokens=200, kept_tokens=kept, text_tokens=9, question_tokens=7,
                            kept_timestamps=1)
-    # The counter has no formula for the CPU flash-attention kernel of the re-encoder: add its 4 n^2 D by hand.
-    assert counter.get_total_flops() + 4 * kept * kept * 64 == costs["selector_flops"]
+    # The counter has no formula for the CPU flash-attention kernel of the re-encoder: add its 4 n^2 (H d) by hand.
+    query_width = config.text_config.num_attention_heads * selector.scoring_layers[0].head_dim
+    assert counter.get_total_flops() + 4 * kept * kept * query_width == costs["selector_flops"]
 
 
 def test_bench_pipeline_batch_sizes_report_throughput_of_identical_results(tmp_path, capsys):

@@ -10,6 +10,7 @@ add a fourth of the bench's time), and medians are reported. Peak memory is
 measured apart from the timed runs (see `measure_peak_memory`).
 """
 
+import functools
 import math
 import multiprocessing
 import os
@@ -219,16 +220,23 @@ def share_stock_tensors(qtsplus: QTSplusModelMixin, stock) -> None:
     qtsplus.tie_weights()
 
 
-def video_prompt(config, frames: int, resolution: int, question_tokens: int, seed: int) -> dict[str, torch.Tensor]:
-    """One synthetic video question shaped like a Qwen2.5-VL processor's output: random pixels and text ids."""
+def video_grid(config, frames: int, resolution: int) -> tuple[int, int, int]:
+    """The patch grid (t, h, w) of `frames` square frames of `resolution` pixels; ValueError for sizes the vision
+    encoder cannot take."""
     vision = config.vision_config
     factor = vision.patch_size * vision.spatial_merge_size
     if resolution < factor or resolution % factor:
         raise ValueError(f"--resolution must be a positive multiple of {factor} (patch x merge), got {resolution}")
     if frames < vision.temporal_patch_size or frames % vision.temporal_patch_size:
         raise ValueError(f"frame counts must be multiples of {vision.temporal_patch_size}, got {frames}")
+    return frames // vision.temporal_patch_size, resolution // vision.patch_size, resolution // vision.patch_size
+
+
+def video_prompt(config, frames: int, resolution: int, question_tokens: int, seed: int) -> dict[str, torch.Tensor]:
+    """One synthetic video question shaped like a Qwen2.5-VL processor's output: random pixels and text ids."""
+    vision = config.vision_config
+    grid = video_grid(config, frames, resolution)
     generator = torch.Generator().manual_seed(seed)
-    grid = (frames // vision.temporal_patch_size, resolution // vision.patch_size, resolution // vision.patch_size)
     num_tokens = grid[0] * grid[1] * grid[2] // vision.spatial_merge_size**2
     # Text ids from a range clear of special tokens in both the random configs and real Qwen vocabularies.
     text_ids = range(len(SPECIAL_TOKENS) + 100, len(SPECIAL_TOKENS) + 600)
@@ -247,44 +255,27 @@ def video_prompt(config, frames: int, resolution: int, question_tokens: int, see
     }
 
 
-_TIMESTAMP_TOKENIZER = []
-
-
+@functools.lru_cache(maxsize=1)
 def timestamp_tokenizer():
     """The byte-level tokenizer of `qtsplus_hf.tiny` (built once): it writes the Qwen3-VL prompts' timestamp text."""
-    if not _TIMESTAMP_TOKENIZER:
-        from .tiny import tiny_tokenizer
+    from .tiny import tiny_tokenizer
 
-        _TIMESTAMP_TOKENIZER.append(tiny_tokenizer())
-    return _TIMESTAMP_TOKENIZER[0]
+    return tiny_tokenizer()
 
 
 def qwen3_video_prompt(config, frames: int, resolution: int, question_tokens: int, seed: int) -> dict:
-    """One synthetic video question laid out as the Qwen3-VL processor lays it out (`tiny.qwen3_video_prompt_batch`):
-    3 system tokens, `<|vision_start|>`, per temporal patch its timestamp text `<0.2 seconds>` (frames at 2 fps, as
-    the processor samples by default) and its own `<|vision_start|> <|video_pad|>* <|vision_end|>`, `<|vision_end|>`,
-    then the question; random pixels and text ids. Carries `qtsplus_query_mask` (the question) and
-    `qtsplus_patch_seconds` (the patches' times), which only the QTSplus variants get. The special ids are the
-    config's (`tiny`'s ids are mapped onto them, so a real checkpoint's config works too); the timestamps are written
-    with `timestamp_tokenizer()`.
+    """One synthetic video question laid out as the Qwen3-VL processor lays it out (`tiny.qwen3_video_prompt_batch`,
+    with the config's vision token ids, so a real checkpoint's config works too): 3 system tokens,
+    `<|vision_start|>`, per temporal patch its timestamp text `<0.2 seconds>` (frames at 2 fps, as the processor
+    samples by default) and its own `<|vision_start|> <|video_pad|>* <|vision_end|>`, `<|vision_end|>`, then the
+    question; random pixels and text ids. Carries `qtsplus_query_mask` (the question) and `qtsplus_patch_seconds`
+    (the patches' times), which only the QTSplus variants get; the timestamps are written with
+    `timestamp_tokenizer()`.
     """
     from .tiny import qwen3_video_prompt_batch
 
-    vision = config.vision_config
-    factor = vision.patch_size * vision.spatial_merge_size
-    if resolution < factor or resolution % factor:
-        raise ValueError(f"--resolution must be a positive multiple of {factor} (patch x merge), got {resolution}")
-    if frames < vision.temporal_patch_size or frames % vision.temporal_patch_size:
-        raise ValueError(f"frame counts must be multiples of {vision.temporal_patch_size}, got {frames}")
-    grid = (frames // vision.temporal_patch_size, resolution // vision.patch_size, resolution // vision.patch_size)
-    batch = qwen3_video_prompt_batch([[grid]], [question_tokens], config, seed=seed, tokenizer=timestamp_tokenizer())
-    ids = batch["input_ids"]
-    mapped = ids.clone()
-    for tiny_id, name in ((IMAGE_ID, "image_token_id"), (VIDEO_ID, "video_token_id"),
-                          (VISION_START_ID, "vision_start_token_id"), (VISION_END_ID, "vision_end_token_id")):
-        mapped[ids == tiny_id] = getattr(config, name)
-    batch["input_ids"] = mapped  # mm_token_type_ids and qtsplus_query_mask mark the same positions as before
-    return batch
+    grid = video_grid(config, frames, resolution)
+    return qwen3_video_prompt_batch([[grid]], [question_tokens], config, seed=seed, tokenizer=timestamp_tokenizer())
 
 
 def bench_prompt(config, frames: int, resolution: int, question_tokens: int, seed: int) -> dict:

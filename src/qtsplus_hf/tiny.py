@@ -299,8 +299,9 @@ def qwen3_video_prompt_batch(
     order: a patch grid `(t, h, w)` (h and w even) is a video, `("image", (1, h, w))` an image. A video renders as
     `<|vision_start|>` + per temporal patch `<{s:.1f} seconds><|vision_start|><|video_pad|>*(h*w/4)<|vision_end|>`
     + `<|vision_end|>` (the template's outer pair around the processor's groups), its frames taken as `0, 1, ...`
-    at `video_fps`; an image as `<|vision_start|><|image_pad|>*(h*w/4)<|vision_end|>`. Timestamp text is encoded
-    with `tokenizer` (default `tiny_tokenizer()`).
+    at `video_fps`; an image as `<|vision_start|><|image_pad|>*(h*w/4)<|vision_end|>`. Vision tokens are the
+    config's ids (so the layout also fits a real checkpoint's config); timestamp text is encoded with `tokenizer`
+    (default `tiny_tokenizer()`).
 
     Returns input_ids, attention_mask, mm_token_type_ids (1 on image pads, 2 on video pads, 0 elsewhere,
     timestamps included), qtsplus_query_mask (the question tokens), qtsplus_patch_seconds (float
@@ -311,6 +312,7 @@ def qwen3_video_prompt_batch(
     generator = torch.Generator().manual_seed(seed)
     vision = config.vision_config
     merge, temporal = vision.spatial_merge_size, vision.temporal_patch_size
+    start, end = config.vision_start_token_id, config.vision_end_token_id
     rows, query_rows, video_grids, image_grids, seconds = [], [], [], [], []
     timestamp_ids = {}
     for entries, question_length in zip(videos_per_sample, question_lengths):
@@ -320,18 +322,18 @@ def qwen3_video_prompt_batch(
                 kind, (t, h, w) = entry
                 if kind != "image":
                     raise ValueError(f"unknown visual entry {entry!r}")
-                ids += [VISION_START_ID] + [IMAGE_ID] * (t * h * w // merge**2) + [VISION_END_ID]
+                ids += [start] + [config.image_token_id] * (t * h * w // merge**2) + [end]
                 image_grids.append((t, h, w))
                 continue
             t, h, w = entry
-            ids.append(VISION_START_ID)
+            ids.append(start)
             for second in qwen3_patch_seconds(t, video_fps, temporal):
                 text = f"<{second:.1f} seconds>"
                 if text not in timestamp_ids:
                     timestamp_ids[text] = tokenizer(text, add_special_tokens=False)["input_ids"]
-                ids += timestamp_ids[text] + [VISION_START_ID] + [VIDEO_ID] * (h * w // merge**2) + [VISION_END_ID]
+                ids += timestamp_ids[text] + [start] + [config.video_token_id] * (h * w // merge**2) + [end]
                 seconds.append(second)
-            ids.append(VISION_END_ID)
+            ids.append(end)
             video_grids.append((t, h, w))
         query_start = len(ids)
         ids += torch.randint(TEXT_VOCAB.start, TEXT_VOCAB.stop, (question_length,), generator=generator).tolist()
@@ -340,7 +342,7 @@ def qwen3_video_prompt_batch(
 
     batch = padded_rows(rows, query_rows, padding_side)
     batch["mm_token_type_ids"] = (
-        (batch["input_ids"] == IMAGE_ID).int() + 2 * (batch["input_ids"] == VIDEO_ID).int()
+        (batch["input_ids"] == config.image_token_id).int() + 2 * (batch["input_ids"] == config.video_token_id).int()
     )
 
     patch_dim = vision.in_channels * temporal * vision.patch_size**2
