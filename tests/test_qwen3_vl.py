@@ -669,3 +669,25 @@ def test_training_at_the_predicted_budget_reaches_scoring_layers_and_budget_head
                             ("budget mlp.2", selector.budget.mlp[2].weight)]:
         assert parameter.grad is not None, name
         assert torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("scheme", ["identity", "released"])
+def test_selector_attention_copies_the_lms_head_norms_and_has_no_bias(stock, scheme):
+    """Qwen3's attention normalises each head's queries and keys and has no q/k/v bias: the selector's layers are
+    shaped the same and copy those norms (decoder layer i, or the last one for the released scheme's scoring)."""
+    source = copy.deepcopy(stock)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in source.model.language_model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.copy_(1 + torch.randn(norm.weight.shape, generator=generator))
+    model = QTSplusQwen3VLForConditionalGeneration.from_qwen3_vl(source, init_scheme=scheme,
+                                                                  qtsplus_num_reencode_layers=2)
+    decoder = source.model.language_model.layers
+    pairs = [(model.qtsplus.scoring_layers[0], decoder[-1] if scheme == "released" else decoder[0])]
+    pairs += [(layer.core, decoder[i]) for i, layer in enumerate(model.qtsplus.reencode_layers)]
+    for target, layer in pairs:
+        assert target.q_proj.bias is None and target.k_proj.bias is None and target.v_proj.bias is None
+        assert torch.equal(target.q_head_norm.weight, layer.self_attn.q_norm.weight)
+        assert torch.equal(target.k_head_norm.weight, layer.self_attn.k_norm.weight)
+        assert torch.equal(target.q_proj.weight, layer.self_attn.q_proj.weight)

@@ -27,16 +27,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 import transformers
-from transformers import (
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen3VLConfig,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import Qwen3VLConfig, StoppingCriteria, StoppingCriteriaList
 
-from .modeling_qtsplus_qwen2_5_vl import QTSplusQwen2_5_VLForConditionalGeneration
-from .modeling_qtsplus_qwen3_vl import QTSplusQwen3VLForConditionalGeneration
+from . import BACKBONES
 from .selector_qtsplus import QTSplusModelMixin
 from .tiny import IM_END_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, VIDEO_ID, VISION_END_ID, VISION_START_ID
 
@@ -131,22 +124,19 @@ BENCH_CONFIGS = {
     "small": dict(scale=8, vision_depth=4, text_layers=6, vocab_size=2048),
     "medium": dict(scale=4, vision_depth=8, text_layers=12, vocab_size=4096),
 }
-# --backbone: the stock config class, the scaled shape of the reference size, the QTSplus class.
-BACKBONES = {
-    "qwen2_5_vl": (Qwen2_5_VLConfig, scaled_qwen2_5_vl_3b, QTSplusQwen2_5_VLForConditionalGeneration),
-    "qwen3_vl": (Qwen3VLConfig, scaled_qwen3_vl_4b, QTSplusQwen3VLForConditionalGeneration),
-}
+# --backbone (a key of `qtsplus_hf.BACKBONES`) -> the scaled shape of its reference size.
+SCALED_SHAPES = {"qwen2_5_vl": scaled_qwen2_5_vl_3b, "qwen3_vl": scaled_qwen3_vl_4b}
 DEFAULT_BACKBONE = "qwen2_5_vl"
 
 
 def check_backbone(backbone: str) -> None:
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(BACKBONES)}")
+    if backbone not in SCALED_SHAPES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(SCALED_SHAPES)}")
 
 
 def qtsplus_class(backbone: str) -> type:
     check_backbone(backbone)
-    return BACKBONES[backbone][2]
+    return BACKBONES[backbone][1]
 
 
 def backbone_label(backbone: str) -> str:
@@ -160,8 +150,8 @@ def bench_config(name: str, backbone: str = DEFAULT_BACKBONE):
     check_backbone(backbone)
     if name not in BENCH_CONFIGS:
         raise ValueError(f"unknown bench config {name!r}; choose from {sorted(BENCH_CONFIGS)}")
-    config_class, scaled, _ = BACKBONES[backbone]
-    return config_class(**scaled(**BENCH_CONFIGS[name]))
+    stock_config_class = qtsplus_class(backbone).stock_class.config_class
+    return stock_config_class(**SCALED_SHAPES[backbone](**BENCH_CONFIGS[name]))
 
 
 @dataclass
@@ -209,9 +199,8 @@ def qtsplus_from_stock(stock, seed: int) -> QTSplusModelMixin:
     """QTSplus made from the stock model (`from_qwen2_5_vl` / `from_qwen3_vl`, identity initialisation); the
     selector's random parts come from `seed`, so every process agrees."""
     torch.manual_seed(seed)
-    if isinstance(stock, Qwen2_5_VLForConditionalGeneration):
-        return QTSplusQwen2_5_VLForConditionalGeneration.from_qwen2_5_vl(stock)
-    return QTSplusQwen3VLForConditionalGeneration.from_qwen3_vl(stock)
+    (model_class,) = [model_class for _, model_class, _ in BACKBONES.values() if type(stock) is model_class.stock_class]
+    return model_class.from_stock(stock)
 
 
 def share_stock_tensors(qtsplus: QTSplusModelMixin, stock) -> None:

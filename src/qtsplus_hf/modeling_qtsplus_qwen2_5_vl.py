@@ -61,7 +61,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(QTSplusModelMixin, Qwen2_5_VLFor
     config: QTSplusConfig
     stock_class = Qwen2_5_VLForConditionalGeneration
     backbone_name = "Qwen2.5-VL"
-    timing_inputs = stock_timing_inputs = ("second_per_grid_ts",)
+    timing_inputs = ("second_per_grid_ts",)
     # device_map keeps each selector layer on one device: the selector calls them as modules, whose hooks move the
     # inputs; a split layer would leave its masks and residual on another device than its projections.
     _no_split_modules = [

@@ -1095,8 +1095,8 @@ def compact_rows(
 class QTSplusModelMixin:
     """The selector inside a vision-language model: `class QTSplusX(QTSplusModelMixin, StockX)`.
 
-    The backbone's class sets `config_class`, `stock_class`, `backbone_name`, `timing_inputs` /
-    `stock_timing_inputs` and `_no_split_modules`, and implements the hooks:
+    The backbone's class sets `config_class`, `stock_class`, `backbone_name`, `timing_inputs` and
+    `_no_split_modules`, and implements the hooks:
     `visual_features` (its encoder's outputs as streams), `video_token_seconds` (when each video token was
     recorded), `stock_positions` (its rotary positions of the full prompt) and, for extra visual inputs of its
     language model, `compacted_language_model_extras` / `full_language_model_extras`; its `forward` and `generate`
@@ -1105,10 +1105,9 @@ class QTSplusModelMixin:
 
     stock_class: ClassVar[type]
     backbone_name: ClassVar[str]  # how the model card and reports name the backbone ("Qwen2.5-VL")
-    # The backbone's per-video time inputs (processor outputs) that the hooks take as keyword arguments, and those of
-    # them that the stock forward takes too.
+    # The backbone's per-video time inputs (processor outputs) that the hooks take as keyword arguments; those named
+    # `qtsplus_*` are this project's, which the stock model never gets.
     timing_inputs: ClassVar[tuple[str, ...]] = ()
-    stock_timing_inputs: ClassVar[tuple[str, ...]] = ()
     _auto_class_names = ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText")
     # The loss adds per-batch means (the auxiliary terms) to the LM loss, so the Trainer must average micro-batches
     # itself under gradient accumulation instead of handing `num_items_in_batch` to the LM loss alone.
@@ -1582,8 +1581,7 @@ class QTSplusModelMixin:
         stock_inputs = dict(attention_mask=attention_mask, position_ids=position_ids, labels=labels, return_dict=True,
                             **kwargs)
         if not self._runs_selector(pixel_values_videos):
-            stock_visual = {name: value for name, value in visual_inputs.items() if name not in self.timing_inputs
-                            or name in self.stock_timing_inputs}
+            stock_visual = {name: value for name, value in visual_inputs.items() if not name.startswith("qtsplus_")}
             if mm_encoder_outputs is not None:
                 stock_visual["mm_encoder_outputs"] = mm_encoder_outputs
             extras = language_model_extras if inputs_embeds is not None else None
@@ -1653,8 +1651,8 @@ class QTSplusModelMixin:
         self._check_keep_ratio(qtsplus_keep_ratio)
         self._check_chunk_frames(qtsplus_vision_chunk_frames)
         if not self._runs_selector(stock_inputs.get("pixel_values_videos")):
-            stock_inputs = {key: value for key, value in stock_inputs.items() if value is not None and (
-                key not in self.timing_inputs or key in self.stock_timing_inputs)}
+            stock_inputs = {key: value for key, value in stock_inputs.items()
+                            if value is not None and not key.startswith("qtsplus_")}
             return super().generate(input_ids, **stock_inputs, **generate_kwargs)
         if input_ids is None:
             raise ValueError("QTSplus generate needs input_ids alongside pixel_values_videos")
