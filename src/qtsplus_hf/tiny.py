@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from .configuration_qtsplus import QTSplusConfig
+from .selector_qtsplus import chat_turn_settings
 
 
 SPECIAL_TOKENS = (
@@ -154,6 +155,24 @@ def byte_level_tokenizer(corpus: Sequence[str], vocab_size: int):
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def tiny_vllm_config(**overrides) -> QTSplusConfig:
+    """The tiny config at widths vLLM's CPU build serves: LM width 128 with 4 heads of 32 (its CPU attention has
+    kernels for head dims 32, 64, 80, ..., not the tiny model's 16), the tiny tokenizer's chat ids, SDPA."""
+    base = tiny_config_dict()
+    text_config = dict(
+        base["text_config"], hidden_size=128, intermediate_size=256,
+        # mrope_section sums to head_dim / 2 = 16
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+    )
+    settings = dict(
+        text_config=text_config, vision_config=dict(base["vision_config"], out_hidden_size=128),
+        **chat_turn_settings(tiny_tokenizer()),
+    )
+    config = QTSplusConfig(**tiny_config_dict(**{**settings, **overrides}))
+    config._attn_implementation = "sdpa"
+    return config
 
 
 def tiny_tokenizer():

@@ -1,0 +1,50 @@
+"""vLLM plugin entry point (`vllm.general_plugins`): makes vLLM serve QTSplus checkpoint folders.
+
+vLLM calls `register` in every engine and worker process before it loads a model. It must stay cheap: the model
+module (`qtsplus_hf.vllm_qtsplus`) is named by string and imported only when a QTSplus folder is served.
+"""
+
+from __future__ import annotations
+
+ARCHITECTURE = "QTSplusQwen2_5_VLForConditionalGeneration"
+
+
+def register() -> None:
+    """Register the QTSplus architecture with vLLM and QTSplus's config / processor classes with transformers."""
+    from vllm import ModelRegistry
+
+    import qtsplus_hf  # noqa: F401  (registers QTSplusConfig / QTSplusProcessor with the Auto classes)
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, f"qtsplus_hf.vllm_qtsplus:{ARCHITECTURE}")
+    enable_pruning_on_cpu_runner()
+
+
+def enable_pruning_on_cpu_runner() -> None:
+    """Give vLLM's CPU runner the video-pruning switch its GPU runner sets after loading the model.
+
+    vLLM 0.32's `CPUModelRunner.load_model` never sets `is_multimodal_pruning_enabled`, so on the CPU build the
+    kept tokens' positions would never be written (EVS fails there the same way). Only the flag is set, with the GPU
+    runner's own test; on builds whose CPU runner sets it, or without one, nothing changes.
+    """
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ImportError:
+        return
+    if getattr(CPUModelRunner.load_model, "qtsplus_sets_pruning", False):
+        return
+    from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+
+    load_model = CPUModelRunner.load_model
+
+    def load_model_with_pruning(self, *args, **kwargs):
+        load_model(self, *args, **kwargs)
+        mm_config = self.model_config.multimodal_config
+        self.is_multimodal_pruning_enabled = bool(
+            supports_multimodal_pruning(self.get_model())
+            and mm_config is not None
+            and mm_config.is_multimodal_pruning_enabled()
+        )
+
+    load_model_with_pruning.qtsplus_sets_pruning = True
+    CPUModelRunner.load_model = load_model_with_pruning
