@@ -882,6 +882,8 @@ class QTSplusProcessorMixin:
 
     def __call__(self, *args, **kwargs) -> BatchFeature:
         outputs = super().__call__(*args, **kwargs)
+        if "input_ids" not in outputs:  # media only (vLLM calls it so): no text, no question
+            return outputs
         input_ids = outputs["input_ids"]
         if isinstance(input_ids, torch.Tensor):
             mask = self.question_token_mask(input_ids.reshape(-1, input_ids.shape[-1])).reshape(input_ids.shape)

@@ -41,7 +41,8 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from .modeling_qtsplus_qwen2_5_vl import video_token_timestamps
-from .selector_qtsplus import QTSplusSelector, budget_to_token_count, question_mask
+from .processing_qtsplus import QTSplusProcessor
+from .selector_qtsplus import QTSplusSelector, budget_to_token_count
 
 QUESTION_IDS = "qtsplus_question_ids"
 # Positions ride in the embeddings' dtype; bfloat16 holds integers exactly only up to 256, so each position is
@@ -62,6 +63,10 @@ def keep_ratio_from_pruning_rate(video_pruning_rate: float | None) -> float:
 
 
 class QTSplusQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
+    def get_hf_processor(self, **kwargs: object) -> QTSplusProcessor:
+        # The stock info loads `Qwen2_5_VLProcessor` by class; the question rule is QTSplusProcessor's.
+        return self.ctx.get_hf_processor(QTSplusProcessor, **kwargs)
+
     def qtsplus_selects(self) -> bool:
         return bool(self.get_hf_config().qtsplus_enabled)
 
@@ -71,15 +76,11 @@ class QTSplusQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
         return int(budget_to_token_count(torch.tensor([keep_ratio]), torch.tensor([num_tokens]), None))
 
     def qtsplus_question_ids(self, prompt_ids: list[int]) -> tuple[int, ...]:
-        """The question's token ids: the HF processor's rule when the folder's processor has it, else the model's."""
+        """The question's token ids, by `QTSplusProcessor`'s rule (the `qtsplus_query_mask` it gives the HF model)."""
         ids = torch.tensor([prompt_ids])
-        processor = self.get_hf_processor()
-        if hasattr(processor, "question_token_mask"):
-            mask = processor.question_token_mask(ids)[0]
-            if not mask.any():
-                raise ValueError("QTSplus found no question in the prompt: a prompt with a video needs user text")
-        else:  # raises on an empty question itself
-            mask = question_mask(ids, torch.ones_like(ids), None, None, self.get_hf_config())[0]
+        mask = self.get_hf_processor().question_token_mask(ids)[0]
+        if not mask.any():
+            raise ValueError("QTSplus found no question in the prompt: a prompt with a video needs user text")
         return tuple(ids[0][mask].tolist())
 
 

@@ -1,0 +1,102 @@
+"""The vLLM plugin against the HF model: same weights, same inputs, the same greedy tokens and kept tokens."""
+
+import math
+from importlib.metadata import entry_points
+
+import pytest
+
+from conftest import QUESTIONS, KeptIndexRecorder, chat_prompt, greedy, hf_greedy, numpy_video, serve
+
+
+def test_the_entry_point_registers_the_architecture():
+    from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
+
+    plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert plugins["qtsplus"] == "qtsplus_hf.vllm_plugin:register"
+    load_general_plugins()
+    assert "QTSplusQwen2_5_VLForConditionalGeneration" in ModelRegistry.get_supported_archs()
+
+
+@pytest.fixture(scope="module")
+def requests(checkpoint):
+    """Three requests: two videos, the first asked twice (a second question on a video the cache has seen)."""
+    videos = [numpy_video(0), numpy_video(1), numpy_video(0)]
+    return [(chat_prompt(checkpoint, question), video) for question, video in zip(QUESTIONS, videos)]
+
+
+@pytest.fixture(scope="module")
+def keep_all_engine(checkpoint):
+    llm = serve(checkpoint)
+    yield llm
+    del llm
+
+
+@pytest.fixture(scope="module")
+def quarter_engine(checkpoint):
+    llm = serve(checkpoint, keep_ratio=0.25)
+    yield llm
+    del llm
+
+
+def test_keep_1_serves_the_hf_models_greedy_tokens(checkpoint, requests, keep_all_engine):
+    recorder = KeptIndexRecorder(keep_all_engine)
+    served = greedy(keep_all_engine, requests)
+    for (prompt, video), got in zip(requests, served):
+        expected = hf_greedy(checkpoint, prompt, video, keep_ratio=1.0)
+        assert got["prompt_length"] == expected["prompt_length"]
+        assert got["tokens"] == expected["tokens"]
+    assert all(len(kept) == 64 for kept in recorder.kept)  # every token, 4 x 4 x 4 per video
+
+
+def test_keep_a_quarter_serves_the_hf_models_selection_and_tokens(checkpoint, requests, quarter_engine):
+    recorder = KeptIndexRecorder(quarter_engine)
+    served = greedy(quarter_engine, requests)
+    expected = [hf_greedy(checkpoint, prompt, video, keep_ratio=0.25) for prompt, video in requests]
+    for got, reference in zip(served, expected):
+        kept = math.ceil(0.25 * reference["num_video_tokens"])
+        assert len(reference["kept"]) == kept
+        # the placeholders are the kept tokens only: the prompt is the HF prompt less the dropped tokens
+        assert got["prompt_length"] == reference["prompt_length"] - reference["num_video_tokens"] + kept
+        assert got["tokens"] == reference["tokens"]
+    # The selector kept the HF model's tokens for each (video, question), the same video differently per question.
+    assert sorted(recorder.kept) == sorted(reference["kept"] for reference in expected)
+    assert expected[0]["kept"] != expected[2]["kept"]
+    # Dropping tokens changed the answer: equal tokens are not the keep-1.0 path's by accident.
+    assert expected[0]["tokens"] != hf_greedy(checkpoint, *requests[0], keep_ratio=1.0)["tokens"]
+
+
+def test_a_request_in_a_batch_gets_what_it_gets_alone(requests, quarter_engine):
+    together = greedy(quarter_engine, requests)
+    alone = [greedy(quarter_engine, [request])[0] for request in reversed(requests)][::-1]
+    assert together == alone
+
+
+def test_the_cache_key_holds_the_question(checkpoint, quarter_engine):
+    video = numpy_video(5)
+    recorder = KeptIndexRecorder(quarter_engine)
+    first = greedy(quarter_engine, [(chat_prompt(checkpoint, QUESTIONS[0]), video)])
+    assert len(recorder.kept) == 1
+    # the same video and question again: vLLM's encoder cache answers, the selector does not run
+    assert greedy(quarter_engine, [(chat_prompt(checkpoint, QUESTIONS[0]), video)]) == first
+    assert len(recorder.kept) == 1
+    # the same video with another question is selected afresh, as the HF model selects it
+    second_prompt = chat_prompt(checkpoint, QUESTIONS[1])
+    second = greedy(quarter_engine, [(second_prompt, video)])
+    assert len(recorder.kept) == 2 and recorder.kept[0] != recorder.kept[1]
+    reference = hf_greedy(checkpoint, second_prompt, video, keep_ratio=0.25)
+    assert recorder.kept[1] == reference["kept"] and second[0]["tokens"] == reference["tokens"]
+
+
+def test_sequential_positions_serve_the_hf_models_tokens(sequential_checkpoint):
+    llm = serve(sequential_checkpoint, keep_ratio=0.25)
+    requests = [(chat_prompt(sequential_checkpoint, q), numpy_video(seed)) for seed, q in enumerate(QUESTIONS[:2])]
+    for (prompt, video), got in zip(requests, greedy(llm, requests)):
+        assert got["tokens"] == hf_greedy(sequential_checkpoint, prompt, video, keep_ratio=0.25)["tokens"]
+    del llm
+
+
+def test_a_video_without_a_question_is_refused(quarter_engine):
+    prompt = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(ValueError, match="no question"):
+        greedy(quarter_engine, [(prompt, numpy_video(0))])
