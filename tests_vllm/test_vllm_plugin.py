@@ -100,3 +100,28 @@ def test_a_video_without_a_question_is_refused(quarter_engine):
     prompt = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
     with pytest.raises(ValueError, match="no question"):
         greedy(quarter_engine, [(prompt, numpy_video(0))])
+
+
+def test_disabled_qtsplus_is_vllms_stock_qwen2_5_vl(checkpoint, requests, tmp_path):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    from qtsplus_hf import QTSplusProcessor, QTSplusQwen2_5_VLForConditionalGeneration
+
+    # the same tensors, less the selector, in a stock folder
+    qtsplus = QTSplusQwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint)
+    settings = {key: value for key, value in qtsplus.config.to_dict().items()
+                if not key.startswith("qtsplus_") and key not in ("model_type", "auto_map", "architectures")}
+    stock = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**settings))
+    stock.load_state_dict({k: v for k, v in qtsplus.state_dict().items() if not k.startswith("qtsplus.")})
+    stock.config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    stock.save_pretrained(tmp_path)
+    processor = QTSplusProcessor.from_pretrained(checkpoint)
+    Qwen2_5_VLProcessor(image_processor=processor.image_processor, video_processor=processor.video_processor,
+                        tokenizer=processor.tokenizer, chat_template=processor.chat_template).save_pretrained(tmp_path)
+
+    llm = serve(str(tmp_path))
+    expected = greedy(llm, requests)
+    del llm
+    llm = serve(checkpoint, hf_overrides={"qtsplus_enabled": False})
+    assert greedy(llm, requests) == expected
+    del llm
