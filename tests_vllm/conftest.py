@@ -29,6 +29,12 @@ def save_checkpoint(path, **overrides) -> str:
         for layer in model.qtsplus.reencode_layers:
             for linear in (layer.core.o_proj, layer.core.ffn.net[2]):
                 linear.weight.normal_(0, 0.2)
+        # Sharper LM attention: at the random init its logits are so small that moving a kept video token by a few
+        # MRoPE positions changes no greedy token, and a wrong position would go unnoticed.
+        for layer in model.model.language_model.layers:
+            for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                linear.weight.mul_(6.0)
+                linear.bias.mul_(6.0)
     model.save_pretrained(path)
     tiny_processor().save_pretrained(path)
     return str(path)
