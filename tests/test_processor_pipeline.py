@@ -191,3 +191,15 @@ def test_pipeline_batches_videos_with_the_results_of_one_at_a_time(tmp_path):
     assert all(result["qtsplus"]["kept"] <= result["qtsplus"]["total"] for result in results)
     batched = pipe(samples, batch_size=2, max_new_tokens=2, do_sample=True, num_return_sequences=3)
     assert [len(result) for result in batched] == [3, 3, 3]
+
+
+def test_the_processor_on_media_alone_gives_the_media_outputs():
+    # vLLM calls the processor with the videos only: no text, so no question mask, and no error.
+    import numpy as np
+
+    from qtsplus_hf.tiny import tiny_processor
+
+    frames = np.random.default_rng(0).integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
+    outputs = tiny_processor()(videos=[frames], do_sample_frames=False, return_tensors="pt")
+    assert outputs["video_grid_thw"].tolist() == [[2, 4, 4]]
+    assert "qtsplus_query_mask" not in outputs and "input_ids" not in outputs
