@@ -19,6 +19,8 @@ Variants, each in its own fresh subprocess (no engine shares memory or caches wi
 Each variant runs a warm-up batch (--warmup-requests requests), then the timed batch --repeats times, each repeat
 with fresh videos and questions; prefix caching and the multimodal processor cache are off, so no repeat reuses
 anything. The report is the median. Output: a markdown table on stdout, and with --json the figures as JSON.
+Besides wall time the table gives the engine process's CPU time over the batch (`time.process_time`; the engine
+runs in-process, `VLLM_ENABLE_V1_MULTIPROCESSING=0`): on a shared machine it moves far less than wall time.
 
 The figures are CPU figures (vLLM's CPU build, float32, eager) with random weights: they show how the cost of a
 request scales with the video tokens that reach the LM, not what a GPU serving a real checkpoint would give.
@@ -35,9 +37,6 @@ import tempfile
 import time
 
 
-SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "src")
-if os.path.isdir(SRC) and SRC not in sys.path:  # a checkout without `pip install -e .`
-    sys.path.insert(0, SRC)
 
 LOG = logging.getLogger("vllm_throughput")
 ARCHITECTURE = "QTSplusQwen2_5_VLForConditionalGeneration"
@@ -71,9 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="frame side in pixels, a multiple of 8 (default 112)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096,
                         help="vLLM's token budget per engine step (chunked prefill; default 4096, its CPU default)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="OMP_NUM_THREADS of the engines (default unset: vLLM's CPU build serves with 1 torch "
-                             "thread)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OMP_NUM_THREADS of the engines (default 1, the torch thread count vLLM's CPU build "
+                             "serves with; more threads thrash on a shared machine)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {','.join(VARIANTS)} (default all)")
     parser.add_argument("--workdir", default=None,
@@ -89,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("requests", "max_tokens", "repeats", "frames", "frame_size", "max_num_batched_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.threads is not None and args.threads < 1:
+    if args.threads < 1:
         parser.error("--threads must be at least 1")
     if args.warmup_requests < 0:
         parser.error("--warmup-requests must be at least 0")
@@ -212,12 +211,13 @@ def run_variant(args) -> dict:
     runs = []
     for repeat in range(args.repeats):
         batch = requests(args, processor, args.requests, args.seed + 1 + repeat)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         outputs = llm.generate(batch, sampling, use_tqdm=False)
-        wall = time.perf_counter() - started
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         prompt_ids = [output.prompt_token_ids for output in outputs]
         runs.append({
             "wall_s": wall,
+            "cpu_s": cpu,
             "video_tokens_per_request": [sum(1 for t in ids if t == video_token_id) for ids in prompt_ids],
             "prompt_tokens": sum(len(ids) for ids in prompt_ids),
             "output_tokens": sum(len(output.outputs[0].token_ids) for output in outputs),
@@ -243,8 +243,7 @@ def spawn_variant(args, variant: str, workdir: str) -> dict:
         "--max-num-batched-tokens", str(args.max_num_batched_tokens),
     ] + (["--verbose"] if args.verbose else [])
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    if args.threads is not None:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env["OMP_NUM_THREADS"] = str(args.threads)
     if not args.verbose:
         env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     started = time.perf_counter()
@@ -265,6 +264,7 @@ def summarise(result: dict) -> dict:
     output_tokens = statistics.median(run["output_tokens"] for run in runs)
     return dict(
         wall_s=wall,
+        cpu_s=statistics.median(run["cpu_s"] for run in runs),
         video_tokens_per_request=statistics.median(t for run in runs for t in run["video_tokens_per_request"]),
         prompt_tokens=last["prompt_tokens"],
         requests_per_s=requests_per_batch / wall,
@@ -277,19 +277,21 @@ def table(results: list[dict]) -> str:
     stock = next((r["summary"] for r in results if r["variant"] == "stock" and "summary" in r), None)
     lines = [
         "| variant | keep ratio | video tokens / request | prompt tokens (batch) | wall s (median) | requests/s "
-        "| output tokens/s | throughput vs stock |",
-        "|---|---|---|---|---|---|---|---|",
+        "| output tokens/s | throughput vs stock | CPU s (median) | CPU time, stock / variant |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         if "summary" not in result:
-            lines.append(f"| {result['variant']} | | | | failed: {result['error']} | | | |")
+            lines.append(f"| {result['variant']} | | | | failed: {result['error']} | | | | | |")
             continue
         s = result["summary"]
         ratio = f"{s['requests_per_s'] / stock['requests_per_s']:.2f}x" if stock else "n/a"
+        cpu_ratio = f"{stock['cpu_s'] / s['cpu_s']:.2f}x" if stock else "n/a"
         keep = "(stock)" if not result["qtsplus_enabled"] else f"{result['keep_ratio']:.2f}"
         lines.append(
             f"| {result['variant']} | {keep} | {s['video_tokens_per_request']:.0f} | {s['prompt_tokens']} "
-            f"| {s['wall_s']:.2f} | {s['requests_per_s']:.3f} | {s['output_tokens_per_s']:.1f} | {ratio} |"
+            f"| {s['wall_s']:.2f} | {s['requests_per_s']:.3f} | {s['output_tokens_per_s']:.1f} | {ratio} "
+            f"| {s['cpu_s']:.2f} | {cpu_ratio} |"
         )
     return "\n".join(lines)
 
@@ -336,7 +338,7 @@ def main(argv=None) -> int:
             temporary.cleanup()
     total_s = time.perf_counter() - started
 
-    print(f"vLLM on CPU ({os.cpu_count()} cores), float32, random weights: {args.requests} requests per batch, "
+    print(f"vLLM on CPU ({os.cpu_count()} cores, {args.threads} engine thread(s)), float32, random weights: {args.requests} requests per batch, "
           f"each one video of {args.frames} frames at {args.frame_size}x{args.frame_size} "
           f"({video_tokens(args)} video tokens before selection), {args.max_tokens} output tokens (greedy, "
           f"ignore_eos); median of {args.repeats} timed batch(es) after a warm-up of {args.warmup_requests}.\n")

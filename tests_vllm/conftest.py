@@ -60,16 +60,23 @@ def numpy_video(seed: int, num_frames: int = 8, size: int = 32) -> tuple[np.ndar
     return frames, metadata
 
 
-def chat_prompt(path: str, question: str) -> str:
+def chat_prompt(path: str, question: str, with_image: bool = False) -> str:
     from qtsplus_hf import QTSplusProcessor
 
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    media = [{"type": "image"}] if with_image else []
+    messages = [{"role": "user", "content": [*media, {"type": "video"}, {"type": "text", "text": question}]}]
     return QTSplusProcessor.from_pretrained(path).apply_chat_template(
         messages, add_generation_prompt=True, tokenize=False
     )
 
 
-def hf_greedy(path: str, prompt: str, video: tuple[np.ndarray, dict], keep_ratio: float) -> dict:
+def numpy_image(seed: int, size: int = 32) -> np.ndarray:
+    return np.random.default_rng(1000 + seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+
+
+def hf_greedy(
+    path: str, prompt: str, video: tuple[np.ndarray, dict], keep_ratio: float, image: np.ndarray | None = None
+) -> dict:
     """The HF model's greedy tokens, prompt length and kept indices for one request."""
     from transformers.video_utils import VideoMetadata
 
@@ -80,6 +87,7 @@ def hf_greedy(path: str, prompt: str, video: tuple[np.ndarray, dict], keep_ratio
     inputs = processor(
         text=[prompt], videos=[frames], do_sample_frames=False, return_tensors="pt",
         video_metadata=[VideoMetadata(**{k: v for k, v in metadata.items() if k != "do_sample_frames"})],
+        images=None if image is None else [image],
     )
     model = QTSplusQwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     out = model.generate(
@@ -99,21 +107,23 @@ def serve(path: str, keep_ratio: float = 1.0, **engine_args):
     """`vllm.LLM` on `path` at `keep_ratio` (QTSplus's keep ratio is 1 - `video_pruning_rate`)."""
     from vllm import LLM
 
-    return LLM(
-        model=path, enforce_eager=True, dtype="float32", max_model_len=1024, max_num_seqs=4,
-        kv_cache_memory_bytes=128 << 20, limit_mm_per_prompt={"video": 1, "image": 0},
-        video_pruning_rate=None if keep_ratio == 1.0 else 1.0 - keep_ratio, **engine_args,
+    settings = dict(
+        enforce_eager=True, dtype="float32", max_model_len=1024, max_num_seqs=4, kv_cache_memory_bytes=128 << 20,
+        limit_mm_per_prompt={"video": 1, "image": 1},
+        video_pruning_rate=None if keep_ratio == 1.0 else 1.0 - keep_ratio,
     )
+    return LLM(model=path, **{**settings, **engine_args})
 
 
-def greedy(llm, requests: list[tuple[str, tuple]]) -> list[dict]:
-    """vLLM's greedy tokens and prompt length for (prompt, video) requests, submitted together."""
+def greedy(llm, requests: list[tuple]) -> list[dict]:
+    """vLLM's greedy tokens and prompt length for (prompt, video[, image]) requests, submitted together."""
     from vllm import SamplingParams
 
     # min_tokens holds the end-of-turn token back as the HF side's min_new_tokens does (ignore_eos would not).
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+    media = [dict(video=request[1], **({"image": request[2]} if len(request) > 2 else {})) for request in requests]
     outputs = llm.generate(
-        [{"prompt": prompt, "multi_modal_data": {"video": video}} for prompt, video in requests], params,
+        [{"prompt": request[0], "multi_modal_data": data} for request, data in zip(requests, media)], params,
         use_tqdm=False,
     )
     return [{"tokens": list(o.outputs[0].token_ids), "prompt_length": len(o.prompt_token_ids)} for o in outputs]
@@ -124,7 +134,9 @@ class KeptIndexRecorder:
 
     def __init__(self, llm) -> None:
         self.kept: list[list[int]] = []
+        self.num_tokens: list[int] = []
         llm.apply_model(lambda model: model.qtsplus.register_forward_hook(self.record))
 
     def record(self, module, args, output) -> None:
         self.kept.append(output[0][0].nonzero().flatten().tolist())
+        self.num_tokens.append(output[0].shape[1])

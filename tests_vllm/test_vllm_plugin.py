@@ -5,7 +5,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from conftest import QUESTIONS, KeptIndexRecorder, chat_prompt, greedy, hf_greedy, numpy_video, serve
+from conftest import QUESTIONS, KeptIndexRecorder, chat_prompt, greedy, hf_greedy, numpy_image, numpy_video, serve
 
 
 def test_the_entry_point_registers_the_architecture():
@@ -86,6 +86,34 @@ def test_the_cache_key_holds_the_question(checkpoint, quarter_engine):
     assert len(recorder.kept) == 2 and recorder.kept[0] != recorder.kept[1]
     reference = hf_greedy(checkpoint, second_prompt, video, keep_ratio=0.25)
     assert recorder.kept[1] == reference["kept"] and second[0]["tokens"] == reference["tokens"]
+
+
+def test_an_image_before_the_video_keeps_transformers_positions(checkpoint, quarter_engine):
+    prompt, video, image = chat_prompt(checkpoint, QUESTIONS[0], with_image=True), numpy_video(3), numpy_image(3)
+    reference = hf_greedy(checkpoint, prompt, video, keep_ratio=0.25, image=image)
+    assert greedy(quarter_engine, [(prompt, video, image)])[0]["tokens"] == reference["tokens"]
+
+
+def test_a_prefill_cut_into_chunks_gets_the_same_tokens(checkpoint, requests):
+    # 24 tokens per step: the video's 16 kept tokens arrive split over two steps in some requests
+    llm = serve(checkpoint, keep_ratio=0.25, enable_chunked_prefill=True, max_num_batched_tokens=24,
+                max_num_seqs=1, mm_processor_cache_gb=0)
+    served = greedy(llm, requests)
+    del llm
+    for (prompt, video), got in zip(requests, served):
+        assert got["tokens"] == hf_greedy(checkpoint, prompt, video, keep_ratio=0.25)["tokens"]
+
+
+def test_positions_ride_exactly_in_bfloat16():
+    import torch
+
+    from qtsplus_hf.vllm_qtsplus import POSITION_BASE, POSITION_DIGITS, positions_as_channels, positions_from_channels
+
+    largest = POSITION_BASE**POSITION_DIGITS - 1
+    positions = torch.tensor([[0, 255, 257, 4097, largest], [1, 2, 3, 4, 5], [largest, 0, 129, 16385, 7]])
+    assert torch.equal(positions_from_channels(positions_as_channels(positions, torch.bfloat16)), positions)
+    with pytest.raises(ValueError, match="beyond"):
+        positions_as_channels(positions + 1, torch.bfloat16)
 
 
 def test_sequential_positions_serve_the_hf_models_tokens(sequential_checkpoint):
