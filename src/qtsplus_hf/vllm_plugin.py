@@ -25,12 +25,14 @@ def enable_pruning_on_cpu_runner() -> None:
 
     vLLM 0.32's `CPUModelRunner.load_model` never sets `is_multimodal_pruning_enabled`, so on the CPU build the
     kept tokens' positions would never be written (EVS fails there the same way). Only the flag is set, with the GPU
-    runner's own test; on builds whose CPU runner sets it, or without one, nothing changes.
+    runner's own test; on other platforms nothing changes.
     """
-    try:
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-    except ImportError:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
         return
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
     if getattr(CPUModelRunner.load_model, "qtsplus_sets_pruning", False):
         return
     from vllm.model_executor.models.interfaces import supports_multimodal_pruning
