@@ -39,6 +39,8 @@ from vllm.model_executor.models.qwen2_5_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+from vllm.multimodal.processing.context import TimingContext
+from vllm.multimodal.processing.inputs import ProcessorInputs
 
 from .modeling_qtsplus_qwen2_5_vl import video_token_timestamps
 from .processing_qtsplus import QTSplusProcessor
@@ -93,7 +95,7 @@ class QTSplusQwen2_5_VLDummyInputsBuilder(Qwen2_5_VLDummyInputsBuilder):
 class QTSplusQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
     """Stock processing plus the question of each video and QTSplus's placeholder count."""
 
-    def apply(self, inputs, timing_ctx):
+    def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext):
         if self.info.qtsplus_selects() and inputs.mm_data_items.get_count("video", strict=False):
             # The HF processor only ever sees the media, so the question joins its keyword arguments here, from the
             # prompt: the kwargs are hashed into the cache keys and reach `_postprocess_hf_mm_data`.
