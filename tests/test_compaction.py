@@ -44,8 +44,8 @@ def test_prefill_is_text_plus_kept_tokens_at_their_stock_positions(converted_mod
         torch.testing.assert_close(prefill.position_ids[1:, row, new_attended[row]], expected, rtol=0, atol=0)
     # Left padding is preserved so generation appends after the last real token.
     assert bool(new_attended[:, -1].all())
-    # rope_deltas: the next position (after the largest kept one) minus the number of attended prefill tokens.
-    next_position = torch.stack([stock_positions[:, row, survivors[row]].max() for row in range(len(attended))]) + 1
+    # rope_deltas: the next position minus the number of attended prefill tokens.
+    next_position = stock_positions.amax(dim=(0, 2)) + 1
     assert prefill.rope_deltas.flatten().tolist() == (next_position - new_attended.sum(-1)).tolist()
 
 
@@ -123,24 +123,18 @@ def test_generate_with_several_sequences_per_prompt_keeps_the_prompt_in_front(co
     assert out["qtsplus"].num_kept == [4, 3]
 
 
-def test_rope_deltas_continue_after_the_largest_kept_position_when_the_last_patch_is_dropped(converted_model, config):
+def test_rope_deltas_continue_after_the_stock_positions_when_the_last_patch_is_dropped(converted_model, config):
     from qtsplus_hf.tiny import video_prompt_batch
 
     batch = video_prompt_batch([[(16, 4, 4)]], [3], config)
-    stock_positions, _ = converted_model.model.get_rope_index(
+    stock_positions, stock_deltas = converted_model.model.get_rope_index(
         batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], video_grid_thw=batch["video_grid_thw"],
         second_per_grid_ts=batch["second_per_grid_ts"], attention_mask=batch["attention_mask"],
     )
-    # The largest temporal position belongs to the last patch: the selection must drop all of it for this to matter.
-    scores = torch.arange(64, 0, -1, dtype=torch.float32)
-    prefill = converted_model.prepare_qtsplus_inputs(
-        **batch, qtsplus_keep_ratio=0.1, qtsplus_selection_scores=[scores]
-    )
-    assert prefill.selection.kept_indices[0].tolist() == list(range(7))  # ceil(0.1 * 64), all in the first patch
-    kept_positions = prefill.position_ids[1:, 0]
-    assert int(kept_positions.max()) < int(stock_positions.max())
+    prefill = converted_model.prepare_qtsplus_inputs(**batch, qtsplus_keep_ratio=0.1)
+    assert prefill.selection.num_kept == [7]  # ceil(0.1 * 64)
     next_position = prefill.rope_deltas[0, 0] + prefill.attention_mask.sum()
-    assert int(next_position) == int(kept_positions.max()) + 1
+    assert int(next_position) == int(stock_positions.max()) + 1
 
 
 class PreferToken(LogitsProcessor):

@@ -276,7 +276,7 @@ def test_image_and_video_prompt_keeps_stock_positions_when_compacted(stock_model
         assert len(prefill.position_ids[1, row, new_attended[row]][image_slots].unique()) == 1
     # padding stays on the caller's side
     assert bool(new_attended[:, -1 if padding_side == "left" else 0].all())
-    next_position = torch.stack([stock_positions[:, row, survivors[row]].max() for row in range(len(attended))]) + 1
+    next_position = stock_positions.masked_fill(~attended[None], 0).amax(dim=(0, 2)) + 1
     assert prefill.rope_deltas.flatten().tolist() == (next_position - new_attended.sum(-1)).tolist()
 
     with torch.no_grad():

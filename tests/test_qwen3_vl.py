@@ -357,8 +357,8 @@ def test_prefill_is_text_plus_kept_tokens_at_stock_positions(stock, converted, l
     for row in range(len(attended)):
         assert torch.equal(prefill.input_ids[row, new_attended[row]], batch["input_ids"][row, survivors[row]])
         assert torch.equal(prefill.position_ids[1:, row, new_attended[row]], positions[:, row, survivors[row]])
-    # Decoding continues after the largest kept position: rope_deltas + attended length = that + 1.
-    next_position = torch.stack([positions[:, row, survivors[row]].max() for row in range(len(attended))]) + 1
+    # Decoding continues at stock's next position: rope_deltas + attended length = max stock position + 1.
+    next_position = positions.masked_fill(~attended[None], 0).amax(dim=(0, 2)) + 1
     assert (prefill.rope_deltas.flatten() + new_attended.sum(-1)).tolist() == next_position.tolist()
     # the same from stock's own rope_deltas: each row's shift grows by the tokens it dropped
     _, stock_deltas = stock.model.get_rope_index(

@@ -1359,10 +1359,8 @@ class QTSplusModelMixin:
                 input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask, **timing
             )
             mrope_positions = compact(position_ids.permute(1, 2, 0), pad_value=0).permute(2, 0, 1)
-            # Decoding continues after the largest position the compacted prefill holds (stock's rule at keep 1.0).
-            # Not after a dropped token's: a server that keeps only the prefill's positions (vLLM recomputes the
-            # delta from them at every step) must be able to continue at the same place.
-            next_position = mrope_positions.masked_fill(new_attention_mask[None] == 0, 0).amax(dim=(0, 2)) + 1
+            # Decoding continues after the largest stock position, which a dropped video token may have held.
+            next_position = position_ids.masked_fill(attention_mask[None] == 0, 0).amax(dim=(0, 2)) + 1
             rope_deltas = (next_position - new_attention_mask.sum(-1))[:, None]
 
         kept_ids = compact(input_ids, pad_value=self.config.text_config.pad_token_id or 0)
