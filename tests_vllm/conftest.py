@@ -18,12 +18,15 @@ QUESTIONS = ("What colour is the circle?", "At which second does the square appe
 
 def save_checkpoint(path, **overrides) -> str:
     """A tiny random QTSplus folder vLLM's CPU build can serve, with a re-encoder that is not the identity (so keep
-    1.0 is not the stock model and a wrong timestamp or order changes the tokens)."""
+    1.0 is not the stock model and a wrong timestamp or order changes the tokens), and 25 MRoPE time steps per
+    second: a video's last temporal patch then holds the prompt's largest position, above the text after it, so the
+    position decoding continues from depends on which tokens were kept."""
     from qtsplus_hf import QTSplusQwen2_5_VLForConditionalGeneration
     from qtsplus_hf.tiny import tiny_processor, tiny_vllm_config
 
     torch.manual_seed(0)
     config = tiny_vllm_config(**overrides)
+    config.vision_config.tokens_per_second = 25
     model = QTSplusQwen2_5_VLForConditionalGeneration(config).eval()
     with torch.no_grad():
         for layer in model.qtsplus.reencode_layers:
@@ -115,7 +118,7 @@ def serve(path: str, keep_ratio: float = 1.0, **engine_args):
     return LLM(model=path, **{**settings, **engine_args})
 
 
-def greedy(llm, requests: list[tuple]) -> list[dict]:
+def greedy(llm, requests: list[tuple], details: bool = False) -> list[dict]:
     """vLLM's greedy tokens and prompt length for (prompt, video[, image]) requests, submitted together."""
     from vllm import SamplingParams
 
@@ -126,16 +129,28 @@ def greedy(llm, requests: list[tuple]) -> list[dict]:
         [{"prompt": request[0], "multi_modal_data": data} for request, data in zip(requests, media)], params,
         use_tqdm=False,
     )
-    return [{"tokens": list(o.outputs[0].token_ids), "prompt_length": len(o.prompt_token_ids)} for o in outputs]
+    served = [{"tokens": list(o.outputs[0].token_ids), "prompt_length": len(o.prompt_token_ids)} for o in outputs]
+    if details:  # the prompt's ids and how many of its tokens came from the prefix cache
+        for result, output in zip(served, outputs):
+            result.update(prompt_ids=list(output.prompt_token_ids), cached=output.num_cached_tokens or 0)
+    return served
 
 
 class KeptIndexRecorder:
-    """A forward hook on the engine model's selector: the kept indices of every video it selects, in call order."""
+    """A forward hook on the engine model's selector, for a `with` block: the kept indices and token count of every
+    video it selects, in call order."""
 
     def __init__(self, llm) -> None:
+        self.llm = llm
         self.kept: list[list[int]] = []
         self.num_tokens: list[int] = []
-        llm.apply_model(lambda model: model.qtsplus.register_forward_hook(self.record))
+
+    def __enter__(self) -> "KeptIndexRecorder":
+        (self.handle,) = self.llm.apply_model(lambda model: model.qtsplus.register_forward_hook(self.record))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.handle.remove()
 
     def record(self, module, args, output) -> None:
         self.kept.append(output[0][0].nonzero().flatten().tolist())

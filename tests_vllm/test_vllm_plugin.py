@@ -40,8 +40,8 @@ def quarter_engine(checkpoint):
 
 
 def test_keep_1_serves_the_hf_models_greedy_tokens(checkpoint, requests, keep_all_engine):
-    recorder = KeptIndexRecorder(keep_all_engine)
-    served = greedy(keep_all_engine, requests)
+    with KeptIndexRecorder(keep_all_engine) as recorder:
+        served = greedy(keep_all_engine, requests)
     for (prompt, video), got in zip(requests, served):
         expected = hf_greedy(checkpoint, prompt, video, keep_ratio=1.0)
         assert got["prompt_length"] == expected["prompt_length"]
@@ -50,8 +50,8 @@ def test_keep_1_serves_the_hf_models_greedy_tokens(checkpoint, requests, keep_al
 
 
 def test_keep_a_quarter_serves_the_hf_models_selection_and_tokens(checkpoint, requests, quarter_engine):
-    recorder = KeptIndexRecorder(quarter_engine)
-    served = greedy(quarter_engine, requests)
+    with KeptIndexRecorder(quarter_engine) as recorder:
+        served = greedy(quarter_engine, requests)
     expected = [hf_greedy(checkpoint, prompt, video, keep_ratio=0.25) for prompt, video in requests]
     for got, reference in zip(served, expected):
         kept = math.ceil(0.25 * reference["num_video_tokens"])
@@ -66,23 +66,30 @@ def test_keep_a_quarter_serves_the_hf_models_selection_and_tokens(checkpoint, re
     assert expected[0]["tokens"] != hf_greedy(checkpoint, *requests[0], keep_ratio=1.0)["tokens"]
 
 
-def test_a_request_in_a_batch_gets_what_it_gets_alone(requests, quarter_engine):
-    together = greedy(quarter_engine, requests)
-    alone = [greedy(quarter_engine, [request])[0] for request in reversed(requests)][::-1]
-    assert together == alone
-
+@pytest.mark.parametrize("engine", ["keep_all_engine", "quarter_engine"])
+def test_a_request_in_a_batch_gets_what_it_gets_alone(checkpoint, engine, request):
+    # Fresh videos, so the batch is selected afresh: keep 1.0 encodes its videos (questions of different lengths)
+    # in one call, keep 0.25 one at a time. Alone, each is what the HF model gives it alone, and vLLM's too.
+    llm, keep_ratio = request.getfixturevalue(engine), {"keep_all_engine": 1.0, "quarter_engine": 0.25}[engine]
+    batch = [(chat_prompt(checkpoint, question), numpy_video(10 + seed)) for seed, question in enumerate(QUESTIONS)]
+    with KeptIndexRecorder(llm) as recorder:
+        together = greedy(llm, batch)
+    assert len(recorder.kept) == len(batch)
+    for (prompt, video), got in zip(batch, together):
+        assert got["tokens"] == hf_greedy(checkpoint, prompt, video, keep_ratio=keep_ratio)["tokens"]
+    assert [greedy(llm, [each])[0] for each in batch] == together
 
 def test_the_cache_key_holds_the_question(checkpoint, quarter_engine):
     video = numpy_video(5)
-    recorder = KeptIndexRecorder(quarter_engine)
-    first = greedy(quarter_engine, [(chat_prompt(checkpoint, QUESTIONS[0]), video)])
-    assert len(recorder.kept) == 1
-    # the same video and question again: vLLM's encoder cache answers, the selector does not run
-    assert greedy(quarter_engine, [(chat_prompt(checkpoint, QUESTIONS[0]), video)]) == first
-    assert len(recorder.kept) == 1
-    # the same video with another question is selected afresh, as the HF model selects it
-    second_prompt = chat_prompt(checkpoint, QUESTIONS[1])
-    second = greedy(quarter_engine, [(second_prompt, video)])
+    with KeptIndexRecorder(quarter_engine) as recorder:
+        first = greedy(quarter_engine, [(chat_prompt(checkpoint, QUESTIONS[0]), video)])
+        assert len(recorder.kept) == 1
+        # the same video and question again: vLLM's encoder cache answers, the selector does not run
+        assert greedy(quarter_engine, [(chat_prompt(checkpoint, QUESTIONS[0]), video)]) == first
+        assert len(recorder.kept) == 1
+        # the same video with another question is selected afresh, as the HF model selects it
+        second_prompt = chat_prompt(checkpoint, QUESTIONS[1])
+        second = greedy(quarter_engine, [(second_prompt, video)])
     assert len(recorder.kept) == 2 and recorder.kept[0] != recorder.kept[1]
     reference = hf_greedy(checkpoint, second_prompt, video, keep_ratio=0.25)
     assert recorder.kept[1] == reference["kept"] and second[0]["tokens"] == reference["tokens"]
@@ -95,14 +102,30 @@ def test_an_image_before_the_video_keeps_transformers_positions(checkpoint, quar
 
 
 def test_a_prefill_cut_into_chunks_gets_the_same_tokens(checkpoint, requests):
-    # 24 tokens per step: the video's 16 kept tokens arrive split over two steps in some requests
-    llm = serve(checkpoint, keep_ratio=0.25, enable_chunked_prefill=True, max_num_batched_tokens=24,
+    from qtsplus_hf.tiny import VIDEO_ID
+
+    step = 24
+    llm = serve(checkpoint, keep_ratio=0.25, enable_chunked_prefill=True, max_num_batched_tokens=step,
                 max_num_seqs=1, mm_processor_cache_gb=0)
-    served = greedy(llm, requests)
+    served = greedy(llm, requests, details=True)
     del llm
     for (prompt, video), got in zip(requests, served):
+        slots = [i for i, token in enumerate(got["prompt_ids"]) if token == VIDEO_ID]
+        assert slots[0] // step != slots[-1] // step  # the kept tokens arrive in two steps
         assert got["tokens"] == hf_greedy(checkpoint, prompt, video, keep_ratio=0.25)["tokens"]
 
+
+def test_a_repeated_prompt_from_the_prefix_cache_keeps_its_tokens(checkpoint, requests):
+    # Blocks of 32: the repeat takes its video's KV from the prefix cache, so its video is never encoded or selected
+    # again and its kept tokens' positions never written; decoding must still continue where the HF model's does.
+    llm = serve(checkpoint, keep_ratio=0.25, block_size=32, mm_processor_cache_gb=0, enable_prefix_caching=True)
+    prompt, video = requests[0]
+    with KeptIndexRecorder(llm) as recorder:
+        first, again = greedy(llm, [requests[0]], details=True), greedy(llm, [requests[0]], details=True)
+    del llm
+    assert again[0]["cached"] >= 64 and len(recorder.kept) == 1
+    reference = hf_greedy(checkpoint, prompt, video, keep_ratio=0.25)["tokens"]
+    assert first[0]["tokens"] == again[0]["tokens"] == reference
 
 def test_positions_ride_exactly_in_bfloat16():
     import torch

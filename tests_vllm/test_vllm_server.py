@@ -94,9 +94,9 @@ def test_the_server_answers_a_video_question_as_the_offline_engine_does(checkpoi
         answer = json.load(response)
 
     llm = serve(checkpoint, keep_ratio=1 - PRUNING_RATE, allowed_local_media_path=str(video_path.parent))
-    recorder = KeptIndexRecorder(llm)
-    offline = llm.chat(chat_messages(video_path), SamplingParams(temperature=0, max_tokens=8, min_tokens=8),
-                       use_tqdm=False)[0]
+    with KeptIndexRecorder(llm) as recorder:
+        offline = llm.chat(chat_messages(video_path), SamplingParams(temperature=0, max_tokens=8, min_tokens=8),
+                           use_tqdm=False)[0]
     del llm
     assert answer["usage"]["completion_tokens"] == 8
     assert answer["usage"]["prompt_tokens"] == len(offline.prompt_token_ids)

@@ -16,7 +16,7 @@ loaded strictly from the folder's `qtsplus.*` tensors). The method, as vLLM's re
    transformers' rule, which vLLM's own method does not follow after a video). Kept video tokens keep their stock
    MRoPE positions: each carries its position relative to the video's start in extra channels, which
    `recompute_mrope_positions` (vLLM's hook for EVS) writes into the prompt's positions and strips. Decoding continues
-   after the largest prefill position. `qtsplus_position_mode="sequential"` (the released checkpoints) numbers every
+   after the prompt's last position, as transformers' `generate` does. `qtsplus_position_mode="sequential"` (the released checkpoints) numbers every
    prompt token 0, 1, 2, ... instead.
 
 With `qtsplus_enabled=False` in the config, everything is vLLM's stock Qwen2.5-VL.
@@ -37,7 +37,10 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.config import VllmConfig
+from vllm.inputs.engine import MultiModalInput
+from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.processing.context import TimingContext
 from vllm.multimodal.processing.inputs import ProcessorInputs
@@ -65,17 +68,22 @@ def keep_ratio_from_pruning_rate(video_pruning_rate: float | None) -> float:
 
 
 class QTSplusQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
+    """Stock processing info plus what QTSplus decides at processing time: the question and the kept count."""
+
     def get_hf_processor(self, **kwargs: object) -> QTSplusProcessor:
-        # The stock info loads `Qwen2_5_VLProcessor` by class; the question rule is QTSplusProcessor's.
+        """`QTSplusProcessor` (the stock info loads `Qwen2_5_VLProcessor` by class; the question rule is ours)."""
         return self.ctx.get_hf_processor(QTSplusProcessor, **kwargs)
 
     def qtsplus_selects(self) -> bool:
+        """The folder's config has QTSplus on (off: everything is vLLM's stock Qwen2.5-VL)."""
         return bool(self.get_hf_config().qtsplus_enabled)
 
     def qtsplus_kept_count(self, num_tokens: int) -> int:
         """n for a video of `num_tokens` LM tokens, as the HF model counts at a fixed keep ratio (no n_max)."""
         keep_ratio = keep_ratio_from_pruning_rate(self.ctx.get_mm_config().video_pruning_rate)
-        return int(budget_to_token_count(torch.tensor([keep_ratio]), torch.tensor([num_tokens]), None))
+        # float32, as the selector's fixed ratio (`torch.full_like(..., dtype=torch.float32)`): the same ceiling
+        rho = torch.tensor([keep_ratio], dtype=torch.float32)
+        return int(budget_to_token_count(rho, torch.tensor([num_tokens]), None))
 
     def qtsplus_question_ids(self, prompt_ids: list[int]) -> tuple[int, ...]:
         """The question's token ids, by `QTSplusProcessor`'s rule (the `qtsplus_query_mask` it gives the HF model)."""
@@ -95,7 +103,7 @@ class QTSplusQwen2_5_VLDummyInputsBuilder(Qwen2_5_VLDummyInputsBuilder):
 class QTSplusQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
     """Stock processing plus the question of each video and QTSplus's placeholder count."""
 
-    def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext):
+    def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
         if self.info.qtsplus_selects() and inputs.mm_data_items.get_count("video", strict=False):
             # The HF processor only ever sees the media, so the question joins its keyword arguments here, from the
             # prompt: the kwargs are hashed into the cache keys and reach `_postprocess_hf_mm_data`.
@@ -108,7 +116,8 @@ class QTSplusQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
         return super()._call_hf_processor(hf_data, without_question(hf_kwargs))
 
     def _postprocess_hf_mm_data(
-        self, mm_inputs: Mapping[str, object], hf_processor_mm_kwargs: Mapping[str, object], processed_data: BatchFeature
+        self, mm_inputs: Mapping[str, object], hf_processor_mm_kwargs: Mapping[str, object],
+        processed_data: BatchFeature,
     ) -> BatchFeature:
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
         question = hf_processor_mm_kwargs.get(QUESTION_IDS)
@@ -124,9 +133,11 @@ class QTSplusQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
             fields[QUESTION_IDS] = MultiModalFieldConfig.batched("video")
         return fields
 
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs) -> Sequence[
-        PromptUpdate
-    ]:
+    def _get_prompt_updates(
+        self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        """Stock placeholders for images; `qtsplus_kept_count(M)` of them for each video."""
         hf_processor_mm_kwargs = without_question(hf_processor_mm_kwargs)
         if not self.info.qtsplus_selects():
             return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
@@ -167,6 +178,14 @@ def vision_positions(grid_thw: Sequence[int], spatial_merge_size: int, time_inte
     return grid.reshape(3, -1)
 
 
+def decoding_offset(positions: torch.Tensor) -> int:
+    """vLLM's `mrope_position_delta` for prompt positions `[3, N]`: decoding continues after the prompt's last
+    position, as transformers' `generate` does (it increments the positions of the prompt's last token; vLLM's stock
+    method continues after the largest position, which a video's last temporal patch may hold). It depends only on
+    text positions, so it is right even when a video's tokens come from the prefix cache and are never selected."""
+    return int(positions[0, -1]) + 1 - positions.shape[1]
+
+
 def positions_as_channels(positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`[3, N]` non-negative positions -> `[N, POSITION_CHANNELS]` digits in `dtype`."""
     if positions.numel() and int(positions.max()) >= POSITION_BASE**POSITION_DIGITS:
@@ -201,7 +220,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
     # vLLM's pruning methods are a closed list whose default is "evs": that is the name the rate arrives under.
     supported_video_pruning_methods = ("evs",)
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         # Inference only: in training mode the selector's gate and exploration would change the kept tokens.
         self.qtsplus = QTSplusSelector(self.config).to(vllm_config.model_config.dtype).eval().requires_grad_(False)
@@ -228,17 +247,24 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
 
     # -- encoding ----------------------------------------------------------------------------------------------------
 
-    def embed_multimodal(self, **kwargs: object):
+    def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...]:
+        """One embedding per item, images first or videos first in the kwargs' order (vLLM matches them to the
+        placeholders so): stock image features `[N_i, D]`, each video's kept tokens `[n, D]` (or `[n, D + 9]`)."""
         question_ids = kwargs.pop(QUESTION_IDS, None)
         if not self.config.qtsplus_enabled:
             return super().embed_multimodal(**kwargs)
         embeddings: tuple[torch.Tensor, ...] = ()
-        # In the kwargs' order of modalities, as the stock method (vLLM matches the items to placeholders so).
         for modality, parsed in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if modality == "image":
                 embeddings += tuple(self._process_image_input(parsed))
-            else:
-                embeddings += self.selected_video_tokens(self._process_video_input(parsed), parsed, question_ids)
+                continue
+            if parsed["type"] == "video_embeds":
+                raise ValueError("QTSplus selects from the vision encoder's output: pass video pixels, not "
+                                 "video_embeds")
+            if question_ids is None:
+                raise ValueError(f"QTSplus videos need their question ids ({QUESTION_IDS}); this plugin's "
+                                 "processor adds them, a request processed elsewhere lacks them")
+            embeddings += self.selected_video_tokens(self._process_video_input(parsed), parsed, question_ids)
         return embeddings
 
     def selected_video_tokens(
@@ -265,11 +291,19 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             )
             kept = kept.to(video.dtype)
             if self.qtsplus_positions_travel:
-                relative = vision_positions(grid_thw[index].tolist(), merge, self.time_interval(seconds_per_grid, index))
+                interval = self.time_interval(seconds_per_grid, index)
+                relative = vision_positions(grid_thw[index].tolist(), merge, interval)
                 channels = positions_as_channels(relative[:, keep[0].cpu()], kept.dtype).to(kept.device)
                 kept = torch.cat([kept, channels], dim=-1)
             kept_videos.append(kept)
         return tuple(kept_videos)
+
+    def get_encoder_cudagraph_config(self):
+        """The stock config without video: a captured vision tower would bypass `embed_multimodal`, the selector."""
+        config = super().get_encoder_cudagraph_config()
+        if self.config.qtsplus_enabled:
+            config.modalities = [modality for modality in config.modalities if modality != "video"]
+        return config
 
     def time_interval(self, seconds_per_grid: torch.Tensor | None, index: int) -> int:
         """Temporal position step of a video, as transformers computes it: tokens_per_second * int(seconds)."""
@@ -278,7 +312,9 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
 
     # -- positions ---------------------------------------------------------------------------------------------------
 
-    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
+    ) -> tuple[torch.Tensor, int]:
         """`[3, N]` positions of the (compacted) prompt and the decoding offset.
 
         Text and images: transformers' `Qwen2_5_VLModel.get_rope_index` on the full prompt (after an item the text
@@ -308,7 +344,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             current += max(grid_thw[1], grid_thw[2]) // merge
             text_start = offset + slots
         positions[:, text_start:] = torch.arange(length - text_start) + current
-        return positions, int(positions.max()) + 1 - length
+        return positions, decoding_offset(positions)
 
     def recompute_mrope_positions(
         self, input_ids: list[int] | torch.Tensor, multimodal_embeddings: Sequence[torch.Tensor],
@@ -316,13 +352,18 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
     ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
         """Write the kept video tokens' positions that ride in this step's embeddings, strip their channels.
 
-        `multimodal_embeddings` fill, in order, the prompt's media slots from `num_computed_tokens` on (an item cut
-        by chunked prefill arrives in pieces). A video's positions are relative to its start: the position after the
-        last text token before its slots (its `<|vision_start|>`), which this method never changes.
+        `input_ids` (N,) the prompt; `multimodal_embeddings` this step's `[n, D]` (images, sequential mode) or
+        `[n, D + 9]` (videos whose positions travel) pieces, which fill, in order, the prompt's media slots from
+        `num_computed_tokens` on (an item cut by chunked prefill arrives in pieces); `mrope_positions` `[3, N]`. A
+        video's positions are relative to its start: the position after the last text token before its slots (its
+        `<|vision_start|>`), which this method never changes. Returns the stripped embeddings, the positions and
+        the decoding offset (`decoding_offset`).
         """
         if not self.config.qtsplus_enabled:
             return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
                                                      num_computed_tokens)
+        if not multimodal_embeddings:  # vLLM's v1 runner asks at every step, decoding included
+            return [], mrope_positions, decoding_offset(mrope_positions)
         ids = torch.as_tensor(input_ids, device="cpu")
         positions = mrope_positions.clone()
         is_media = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
@@ -340,4 +381,4 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
                 positions[:, slots] = start + positions_from_channels(embedding[:, width:]).to(positions.device)
                 embedding = embedding[:, :width]
             stripped.append(embedding)
-        return stripped, positions, int(positions.max()) + 1 - len(ids)
+        return stripped, positions, decoding_offset(positions)
