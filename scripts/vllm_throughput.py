@@ -37,7 +37,6 @@ import tempfile
 import time
 
 
-
 LOG = logging.getLogger("vllm_throughput")
 ARCHITECTURE = "QTSplusQwen2_5_VLForConditionalGeneration"
 # name -> (QTSplus enabled, video_pruning_rate)
@@ -338,7 +337,8 @@ def main(argv=None) -> int:
             temporary.cleanup()
     total_s = time.perf_counter() - started
 
-    print(f"vLLM on CPU ({os.cpu_count()} cores, {args.threads} engine thread(s)), float32, random weights: {args.requests} requests per batch, "
+    print(f"vLLM on CPU ({os.cpu_count()} cores, {args.threads} engine thread(s)), float32, random weights: "
+          f"{args.requests} requests per batch, "
           f"each one video of {args.frames} frames at {args.frame_size}x{args.frame_size} "
           f"({video_tokens(args)} video tokens before selection), {args.max_tokens} output tokens (greedy, "
           f"ignore_eos); median of {args.repeats} timed batch(es) after a warm-up of {args.warmup_requests}.\n")
