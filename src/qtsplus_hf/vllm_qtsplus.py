@@ -171,7 +171,10 @@ def without_question(kwargs: Mapping[str, object]) -> dict[str, object]:
 
 
 def vision_positions(grid_thw: Sequence[int], spatial_merge_size: int, time_interval: int) -> torch.Tensor:
-    """`[3, t*h*w]` (T, H, W) positions of an item's LM tokens relative to its first, as transformers numbers them."""
+    """`[3, t*h*w]` (T, H, W) positions of an item's LM tokens relative to its first, as transformers numbers them.
+
+    Written here rather than calling `Qwen2_5_VLModel.get_vision_position_ids`: that is a method of the HF model,
+    which a vLLM worker never builds; the equivalence tests compare the two rules' results through the tokens."""
     t, h, w = int(grid_thw[0]), int(grid_thw[1]) // spatial_merge_size, int(grid_thw[2]) // spatial_merge_size
     grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
     grid[0] *= time_interval
@@ -291,7 +294,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             )
             kept = kept.to(video.dtype)
             if self.qtsplus_positions_travel:
-                interval = self.time_interval(seconds_per_grid, index)
+                interval = self.time_interval(None if seconds_per_grid is None else seconds_per_grid[index])
                 relative = vision_positions(grid_thw[index].tolist(), merge, interval)
                 channels = positions_as_channels(relative[:, keep[0].cpu()], kept.dtype).to(kept.device)
                 kept = torch.cat([kept, channels], dim=-1)
@@ -305,9 +308,10 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             config.modalities = [modality for modality in config.modalities if modality != "video"]
         return config
 
-    def time_interval(self, seconds_per_grid: torch.Tensor | None, index: int) -> int:
-        """Temporal position step of a video, as transformers computes it: tokens_per_second * int(seconds)."""
-        seconds = 1 if seconds_per_grid is None else int(seconds_per_grid[index])
+    def time_interval(self, seconds_per_grid: torch.Tensor | None) -> int:
+        """Temporal position step of a video from its seconds per temporal patch (a scalar; None: 1 s), as
+        transformers computes it: tokens_per_second * int(seconds)."""
+        seconds = 1 if seconds_per_grid is None else int(seconds_per_grid)
         return int(self.config.vision_config.tokens_per_second * seconds)
 
     # -- positions ---------------------------------------------------------------------------------------------------
@@ -338,7 +342,7 @@ class QTSplusQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             interval = 1
             if feature.modality == "video":
                 seconds = feature.data.get("second_per_grid_ts")
-                interval = self.time_interval(None if seconds is None else seconds.data.reshape(1), 0)
+                interval = self.time_interval(None if seconds is None else seconds.data)
             relative = vision_positions(grid_thw, merge, interval)
             positions[:, offset : offset + slots] = current + (relative if relative.shape[1] == slots else 0)
             current += max(grid_thw[1], grid_thw[2]) // merge
